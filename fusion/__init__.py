@@ -1,0 +1,23 @@
+"""fusion: multimodal fusion Transformers that explain themselves."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration import MODALITIES, FusionConfig
+from .modeling import FusionModel, FusionOutput
+from .pipeline import FusionPipeline, Prediction
+from .processing import FusionInputError, FusionProcessor
+
+# Registration only: lets `AutoConfig`/`AutoModel` read a folder whose config says model_type "fusion".
+AutoConfig.register("fusion", FusionConfig, exist_ok=True)
+AutoModel.register(FusionConfig, FusionModel, exist_ok=True)
+
+__all__ = [
+    "MODALITIES",
+    "FusionConfig",
+    "FusionInputError",
+    "FusionModel",
+    "FusionOutput",
+    "FusionPipeline",
+    "FusionProcessor",
+    "Prediction",
+]

@@ -1,0 +1,130 @@
+"""`FusionConfig`: one sub-config per modality plus the fusion Transformer's sizes and labels."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+MODALITIES = ("image", "text", "audio")
+
+
+class FusionConfig(PretrainedConfig):
+    """Configuration of a [`FusionModel`]: which encoder reads each modality and how they are fused.
+
+    Each modality's encoder is any `transformers` encoder that `AutoModel` can build (a ResNet or ViT for images,
+    a BERT-style model for text, an Audio Spectrogram Transformer or a ResNet over log-mel features for audio),
+    so a pretrained encoder of the same family can replace it.
+
+    Args:
+        image_config (`dict` or `PretrainedConfig`): encoder of the image; default a small ResNet on 1×28×28.
+        text_config (`dict` or `PretrainedConfig`): encoder of the text; default a 2-layer BERT.
+        audio_config (`dict` or `PretrainedConfig`): encoder of the log-mel spectrogram; default a small AST.
+        hidden_size (`int`): width of the fusion Transformer that every modality is projected to.
+        num_hidden_layers (`int`): number of fusion layers (self-attention over all present modalities' tokens).
+        num_attention_heads (`int`): heads per fusion layer; must divide `hidden_size`.
+        intermediate_size (`int`): width of each fusion layer's MLP.
+        hidden_dropout_prob (`float`): dropout after attention and MLP, in [0, 1).
+        attention_dropout (`float`): dropout on attention weights, in [0, 1).
+        layer_norm_eps (`float`): epsilon of the fusion layer norms.
+        initializer_range (`float`): standard deviation of the fusion layers' initial weights.
+        id2label (`dict[int, str]`): the classes; at least two.
+
+    Example:
+        ```python
+        >>> config = FusionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                       id2label={i: str(i) for i in range(10)})
+        >>> config.num_labels
+        10
+        ```
+    """
+
+    model_type = "fusion"
+    sub_configs_defaults = {
+        "image_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="resnet",
+            init_kwargs={
+                "num_channels": 1,
+                "embedding_size": 32,
+                "hidden_sizes": [32, 64],
+                "depths": [1, 1],
+                "layer_type": "basic",
+                "downsample_in_first_stage": False,
+            },
+        ),
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="bert",
+            init_kwargs={
+                "vocab_size": 1000,
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+                "max_position_embeddings": 64,
+            },
+        ),
+        "audio_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="audio-spectrogram-transformer",
+            init_kwargs={
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+                "num_mel_bins": 32,
+                "max_length": 100,
+                "patch_size": 8,
+                "frequency_stride": 8,
+                "time_stride": 8,
+            },
+        ),
+    }
+
+    image_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    audio_config: dict | PretrainedConfig | None = None
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    hidden_dropout_prob: float = 0.1
+    attention_dropout: float = 0.0
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_fusion()
+
+    def validate_fusion(self) -> None:
+        """Raise a `ValueError` that names the field, what it must be and what it is."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"FusionConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"FusionConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("hidden_dropout_prob", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"FusionConfig.{name} must be in [0, 1), got {value!r}")
+        if self.id2label is not None and len(self.id2label) < 2:
+            raise ValueError(f"FusionConfig.id2label needs at least 2 classes, got {len(self.id2label)}")
+        for modality in MODALITIES:
+            sub = self.modality_config(modality)
+            if sub.model_type not in MODEL_MAPPING_NAMES:
+                raise ValueError(
+                    f"FusionConfig.{modality}_config has model_type {sub.model_type!r}, which AutoModel cannot build; "
+                    "use an encoder family such as 'bert', 'vit', 'resnet' or 'audio-spectrogram-transformer'"
+                )
+
+    def modality_config(self, modality: str) -> PretrainedConfig:
+        """The encoder config of `modality` (one of `MODALITIES`)."""
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        return getattr(self, f"{modality}_config")

@@ -1,0 +1,196 @@
+"""Training examples: pools of prepared images, waveforms and phrases per label, paired into multimodal
+examples with random subsets of modalities, augmentation and deliberate corruption.
+
+Each example is made from its own seed, so an epoch is the same whatever the loader's order or workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torchvision.transforms import v2
+
+from ..configuration import MODALITIES
+from ..processing import FusionProcessor, load_waveform, prepare_image, prepare_waveform
+from . import phrases
+
+SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(MODALITIES, r)]
+
+
+@dataclass
+class Pools:
+    """Prepared inputs per label index: images (N, size, size) in [0, 1], raw mono waveforms at the model's
+    rate, texts. `phrase_labels` marks labels whose phrases are generated (the digits task)."""
+
+    labels: list[str]
+    images: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    waves: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    generate_phrases: bool = False
+
+    def available(self, label: int) -> tuple[str, ...]:
+        have = {
+            "image": bool(self.images.get(label)),
+            "text": bool(self.texts.get(label)) or self.generate_phrases,
+            "audio": bool(self.waves.get(label)),
+        }
+        return tuple(m for m in MODALITIES if have[m])
+
+
+def image_pool(processor: FusionProcessor, images: list, labels: list[int]) -> dict[int, list[np.ndarray]]:
+    pool: dict[int, list[np.ndarray]] = {}
+    for image, label in zip(images, labels):
+        pool.setdefault(int(label), []).append(prepare_image(image, processor.settings.image)[0].astype(np.float32))
+    return pool
+
+
+def wave_pool(processor: FusionProcessor, sources: list, labels: list[int]) -> dict[int, list[np.ndarray]]:
+    """Decoded, mono, resampled to the model's rate; trimming and fitting happen per example."""
+    settings = processor.settings.audio
+    pool: dict[int, list[np.ndarray]] = {}
+    for source, label in zip(sources, labels):
+        samples, rate = load_waveform(source, settings)
+        if rate != settings.sampling_rate:
+            samples = torchaudio.functional.resample(torch.from_numpy(samples), rate, settings.sampling_rate).numpy()
+        pool.setdefault(int(label), []).append(samples.astype(np.float32))
+    return pool
+
+
+@dataclass
+class Augment:
+    """Probabilities and strengths of augmentation and corruption (0 disables)."""
+
+    image_affine: float = 0.8
+    image_thickness: float = 0.3
+    image_occlusion: float = 0.1
+    audio_speed: float = 0.8
+    audio_noise: float = 0.5
+    audio_low_snr: float = 0.1
+    spec_mask: float = 0.5
+    garbage: float = 0.25  # chance that one modality of a multimodal example is replaced by garbage
+
+
+class ExampleMaker:
+    """Builds example `index` of `epoch` as a dict of model-ready tensors and a label."""
+
+    def __init__(self, pools: Pools, processor: FusionProcessor, *, seed: int, augment: Augment | None, phrase_split: str = "train"):
+        self.pools, self.processor, self.seed = pools, processor, seed
+        self.augment = augment
+        self.phrase_split = phrase_split
+        self.affine = v2.RandomAffine(degrees=12, translate=(0.08, 0.08), scale=(0.85, 1.15), shear=10)
+        self.erase = v2.RandomErasing(p=1.0, scale=(0.05, 0.2), value=0.0)
+
+    def __call__(self, epoch: int, index: int) -> dict:
+        rng = random.Random(f"{self.seed}-{epoch}-{index}")
+        torch.manual_seed(rng.getrandbits(32))
+        label = rng.randrange(len(self.pools.labels))
+        available = self.pools.available(label)
+        subsets = [s for s in SUBSETS if set(s) <= set(available)]
+        subset = rng.choice(subsets)
+        garbage = None
+        if self.augment and len(subset) > 1 and rng.random() < self.augment.garbage:
+            garbage = rng.choice(subset)
+        example = {"label": label}
+        if "image" in subset:
+            example["image"] = self.image(label, rng, garbage == "image")
+        if "audio" in subset:
+            example["audio"] = self.audio(label, rng, garbage == "audio")
+        if "text" in subset:
+            example["text"] = self.text(label, rng, garbage == "text")
+        return example
+
+    def image(self, label: int, rng: random.Random, garbage: bool) -> torch.Tensor:
+        settings = self.processor.settings.image
+        if garbage:
+            kind = rng.choice(("uniform", "blobs", "blank-ish"))
+            size = settings.size
+            if kind == "uniform":
+                square = torch.rand(1, size, size)
+            elif kind == "blobs":
+                square = F.interpolate(torch.rand(1, 1, 7, 7), size=(size, size), mode="bilinear")[0]
+            else:
+                square = torch.rand(1, size, size) * 0.3
+        else:
+            square = torch.from_numpy(rng.choice(self.pools.images[label]))[None]
+            augment = self.augment
+            if augment and rng.random() < augment.image_affine:
+                square = self.affine(square)
+            if augment and rng.random() < augment.image_thickness:
+                if rng.random() < 0.7:
+                    square = F.max_pool2d(square[None], 3, stride=1, padding=1)[0]  # thicker strokes
+                else:
+                    square = -F.max_pool2d(-square[None], 2, stride=1, padding=1)[0][:, 1:, 1:]  # thinner
+            if augment and rng.random() < augment.image_occlusion:
+                square = self.erase(square)
+        return (square - settings.mean) / settings.std
+
+    def audio(self, label: int, rng: random.Random, garbage: bool) -> torch.Tensor:
+        settings = self.processor.settings.audio
+        length = int(settings.duration * settings.sampling_rate)
+        if garbage:
+            wave = np.random.default_rng(rng.getrandbits(32)).normal(0, 0.1, length).astype(np.float32)
+            if rng.random() < 0.5:  # coloured noise too, not only white
+                wave = np.cumsum(wave).astype(np.float32)
+                wave -= wave.mean()
+        else:
+            wave = rng.choice(self.pools.waves[label])
+            augment = self.augment
+            if augment and rng.random() < augment.audio_speed:
+                # Rates on a 2.5% grid keep the resampling kernel short (a ratio like 6837/8000 would not).
+                step = settings.sampling_rate // 40
+                source_rate = step * rng.randint(34, 47)
+                wave = torchaudio.functional.resample(torch.from_numpy(wave), source_rate, settings.sampling_rate).numpy()
+            if augment and rng.random() < augment.audio_noise + augment.audio_low_snr:
+                low = rng.random() < augment.audio_low_snr / max(augment.audio_noise + augment.audio_low_snr, 1e-9)
+                snr = rng.uniform(-5, 5) if low else rng.uniform(8, 35)
+                power = float(np.mean(wave.astype(np.float64) ** 2)) + 1e-10
+                noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, len(wave))
+                wave = (wave + noise * np.sqrt(power / 10 ** (snr / 10))).astype(np.float32)
+        fitted, _ = prepare_waveform(wave, settings.sampling_rate, settings)
+        features = self.processor.log_mel(torch.from_numpy(fitted)[None])[0]
+        if self.augment and rng.random() < self.augment.spec_mask:
+            features = torchaudio.transforms.FrequencyMasking(6)(features[None])[0]
+            features = torchaudio.transforms.TimeMasking(15)(features[None])[0]
+        return features
+
+    def text(self, label: int, rng: random.Random, garbage: bool) -> str:
+        if garbage:
+            return phrases.no_number_phrase(rng)
+        texts = self.pools.texts.get(label)
+        if self.pools.generate_phrases and (not texts or rng.random() < 0.8):
+            return phrases.phrase(label, rng, split=self.phrase_split)
+        return rng.choice(texts)
+
+
+def collate(examples: list[dict], processor: FusionProcessor) -> dict[str, torch.Tensor]:
+    """Stack examples into the tensors `FusionModel.forward` takes (absent modalities masked)."""
+    size = len(examples)
+    batch: dict[str, torch.Tensor] = {"labels": torch.tensor([e["label"] for e in examples])}
+    for modality, key in (("image", "pixel_values"), ("audio", "audio_values")):
+        rows = [i for i, e in enumerate(examples) if modality in e]
+        if rows:
+            shape = examples[rows[0]][modality].shape
+            values = torch.zeros((size, *shape))
+            mask = torch.zeros(size, dtype=torch.bool)
+            for i in rows:
+                values[i], mask[i] = examples[i][modality], True
+            batch[key], batch[f"{modality}_mask"] = values, mask
+    rows = [i for i, e in enumerate(examples) if "text" in e]
+    if rows:
+        encoded = processor.tokenizer(
+            [examples[i]["text"] for i in rows], padding=True, truncation=True,
+            max_length=processor.settings.text.max_tokens, return_tensors="pt",
+        )
+        ids = torch.full((size, encoded["input_ids"].shape[1]), processor.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        ids[rows], attention[rows] = encoded["input_ids"], encoded["attention_mask"]
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[rows] = True
+        batch.update(input_ids=ids, attention_mask=attention, text_mask=mask)
+    return batch

@@ -1,0 +1,169 @@
+"""Readers for the digits data (MNIST IDX, FSDD WAVs, phrase TSV), the held-out split, and manifests.
+
+A manifest is a CSV or JSONL file with columns `image`, `audio`, `text`, `label`; any of the first three may
+be empty, and relative paths are taken from the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import phrases
+
+HELD_OUT_SPEAKER = "jackson"  # evaluation speaker: never trained on
+HELD_OUT_IMAGES = 1500  # MNIST images kept out of training, chosen by a fixed seed
+SPLIT_SEED = 1234
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (optionally gzip-compressed) as a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    dims = data[3]
+    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {values.size} values, its header says {shape}")
+    return values.reshape(shape)
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+        handle.write(header + array.tobytes())
+
+
+def load_mnist(folder: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(images (N, 28, 28) uint8, labels (N,)) from `folder/mnist`, or None when absent."""
+    folder = Path(folder) / "mnist"
+    images, labels = folder / "images-idx3-ubyte.gz", folder / "labels-idx1-ubyte.gz"
+    if not images.is_file() or not labels.is_file():
+        return None
+    x, y = read_idx(images), read_idx(labels)
+    if len(x) != len(y):
+        raise ValueError(f"{folder}: {len(x)} images but {len(y)} labels")
+    return x, y.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path
+    label: int
+    speaker: str
+
+
+def list_fsdd(folder: str | Path) -> list[Clip]:
+    """The `{digit}_{speaker}_{index}.wav` clips of `folder/fsdd`, sorted by name."""
+    clips = []
+    for path in sorted((Path(folder) / "fsdd").glob("*.wav")):
+        parts = path.stem.split("_")
+        if parts[0].isdigit() and 0 <= int(parts[0]) <= 9:
+            clips.append(Clip(path, int(parts[0]), parts[1] if len(parts) > 1 else ""))
+    return clips
+
+
+def load_phrases(folder: str | Path) -> list[tuple[str, int]] | None:
+    """(phrase, digit) pairs of `folder/text.tsv`, or None when absent."""
+    path = Path(folder) / "text.tsv"
+    if not path.is_file():
+        return None
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        text, _, label = line.rpartition("\t")
+        if not text or not label.strip().isdigit():
+            raise ValueError(f"{path}:{number}: expected 'phrase<TAB>digit', got {line!r}")
+        pairs.append((text, int(label)))
+    return pairs
+
+
+def mnist_split(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and held-out MNIST images, fixed by `SPLIT_SEED`."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(count)
+    held = min(HELD_OUT_IMAGES, count // 5)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def write_heldout(data: str | Path, out: str | Path, *, phrases_count: int = 2000, limit: int | None = None) -> Path:
+    """Write the held-out evaluation folder: unseen MNIST images, the held-out speaker's clips, and
+    validation-template phrases. `limit` caps each modality (for a small test sample)."""
+    data, out = Path(data), Path(out)
+    (out / "mnist").mkdir(parents=True, exist_ok=True)
+    (out / "fsdd").mkdir(exist_ok=True)
+    mnist = load_mnist(data)
+    if mnist is not None:
+        _, held = mnist_split(len(mnist[0]))
+        held = held[:limit]
+        write_idx(out / "mnist" / "images-idx3-ubyte.gz", mnist[0][held])
+        write_idx(out / "mnist" / "labels-idx1-ubyte.gz", mnist[1][held])
+    clips = [c for c in list_fsdd(data) if c.speaker == HELD_OUT_SPEAKER]
+    if limit:
+        per_digit = max(1, limit // 10)
+        clips = [c for d in range(10) for c in [c for c in clips if c.label == d][:per_digit]]
+    for clip in clips:
+        shutil.copyfile(clip.path, out / "fsdd" / clip.path.name)
+    rng = random.Random(SPLIT_SEED)
+    count = min(phrases_count, limit) if limit else phrases_count
+    lines = [f"{phrases.phrase(i % 10, rng, split='val')}\t{i % 10}" for i in range(count)]
+    (out / "text.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    image: str | None
+    audio: str | None
+    text: str | None
+    label: str
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    """Rows of a CSV or JSONL manifest; every row needs a label and at least one of image, audio, text."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+    elif path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            records = list(csv.DictReader(handle))
+    else:
+        raise ValueError(f"manifest {path} must end in .csv or .jsonl")
+    rows = []
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: row {number} is not an object with image/audio/text/label")
+        values = {k: (str(record.get(k)).strip() if record.get(k) not in (None, "") else None) for k in ("image", "audio", "text", "label")}
+        if values["label"] is None:
+            raise ValueError(f"{path}: row {number} has no label")
+        if not any(values[k] for k in ("image", "audio", "text")):
+            raise ValueError(f"{path}: row {number} has none of image, audio, text")
+        for key in ("image", "audio"):
+            if values[key]:
+                file = Path(values[key]) if Path(values[key]).is_absolute() else path.parent / values[key]
+                if not file.is_file():
+                    raise ValueError(f"{path}: row {number}: {key} file {str(file)!r} does not exist")
+                values[key] = str(file)
+        rows.append(ManifestRow(**values))
+    if not rows:
+        raise ValueError(f"manifest {path} has no rows")
+    return rows

@@ -1,0 +1,145 @@
+"""Accuracy of a fusion checkpoint for every subset of modalities, and with one modality turned to garbage.
+
+    python -m fusion.evaluate --model assets/fusion-digits --data heldout [--precision fp32|int8] [--json]
+
+`--data` holds any of `mnist/images-idx3-ubyte.gz` with `mnist/labels-idx1-ubyte.gz`, `fsdd/{digit}_*.wav` and
+`text.tsv` (`phrase<TAB>digit`). A multimodal example pairs the k-th item of each modality of the same digit,
+cycling through the shorter lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .configuration import MODALITIES
+from .data import phrases
+from .data.examples import collate
+from .data.sources import list_fsdd, load_mnist, load_phrases
+from .pipeline import FusionPipeline
+
+SUBSET_KEYS = ["+".join(s) for r in (1, 2, 3) for s in itertools.combinations(MODALITIES, r)]
+GARBAGE_KEYS = {"image": "noise image", "audio": "noise audio", "text": "no-number text"}
+
+
+def load_pools(folder: str | Path, pipeline: FusionPipeline) -> dict[str, dict[int, list]]:
+    """Per modality, per digit: preprocessed image and audio tensors and raw phrases found under `folder`."""
+    processor = pipeline.processor
+    label_index = {label: i for i, label in enumerate(pipeline.labels)}
+    pools: dict[str, dict[int, list]] = {}
+
+    def index(digit: int) -> int:
+        if str(digit) not in label_index:
+            raise ValueError(f"the model has no label {str(digit)!r}; its labels are {pipeline.labels}")
+        return label_index[str(digit)]
+
+    mnist = load_mnist(folder)
+    if mnist is not None:
+        for image, digit in zip(*mnist):
+            pools.setdefault("image", {}).setdefault(index(int(digit)), []).append(processor.image_features(image)[0])
+    for clip in list_fsdd(folder):
+        pools.setdefault("audio", {}).setdefault(index(clip.label), []).append(processor.audio_features(str(clip.path))[0])
+    for text, digit in load_phrases(folder) or []:
+        pools.setdefault("text", {}).setdefault(index(digit), []).append(text)
+    return pools
+
+
+def garbage_pools(pipeline: FusionPipeline, *, count: int = 50, seed: int = 0) -> dict[str, list]:
+    """Inputs that say nothing about the class: random-noise images, white-noise clips, phrases without a number,
+    each through the same preprocessing as real inputs."""
+    rng = np.random.default_rng(seed)
+    processor = pipeline.processor
+    rate = processor.settings.audio.sampling_rate
+    images = [processor.image_features(rng.integers(0, 256, (64, 64), dtype=np.uint8))[0] for _ in range(count)]
+    clips = [processor.audio_features((rate, rng.normal(0, 0.1, rate).astype(np.float32)))[0] for _ in range(count)]
+    texts = [phrases.no_number_phrase(random.Random(i)) for i in range(count)]
+    return {"image": images, "audio": clips, "text": texts}
+
+
+def paired_examples(pools: dict, subset: tuple[str, ...], *, garbage: dict[str, list] | None = None, replace: str | None = None) -> list[dict]:
+    """The k-th item of each modality of the same label, cycling through shorter lists; `replace` swaps one
+    modality for garbage."""
+    labels = sorted(set.intersection(*(set(pools[m]) for m in subset if m != replace)))
+    examples = []
+    for label in labels:
+        count = max(len(pools[m][label]) for m in subset if m != replace)
+        for k in range(count):
+            example = {"label": label}
+            for modality in subset:
+                source = garbage[modality] if modality == replace else pools[modality][label]
+                example[modality] = source[(k + label) % len(source)] if modality == replace else source[k % len(source)]
+            examples.append(example)
+    return examples
+
+
+def accuracy(pipeline: FusionPipeline, examples: list[dict], *, batch_size: int = 256) -> float:
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate(chunk, pipeline.processor)
+        labels = batch.pop("labels")
+        logits = pipeline.forward(batch).logits.float().cpu()
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    return correct / max(len(examples), 1)
+
+
+def evaluate(pipeline: FusionPipeline, folder: str | Path, *, garbage: bool = True) -> dict:
+    """Accuracy and count per modality subset found under `folder`; with `garbage`, also every three-modality
+    example with one modality replaced by garbage (keys like `image+audio+text|noise image`). `n` maps each key
+    to its number of examples."""
+    was_training = pipeline.model.training
+    pipeline.model.eval()
+    pools = load_pools(folder, pipeline)
+    results: dict = {"n": {}}
+    for key in SUBSET_KEYS:
+        subset = tuple(key.split("+"))
+        if all(m in pools for m in subset):
+            examples = paired_examples(pools, subset)
+            results[key] = round(accuracy(pipeline, examples), 5)
+            results["n"][key] = len(examples)
+    if garbage and all(m in pools for m in MODALITIES):
+        noise = garbage_pools(pipeline)
+        for modality, name in GARBAGE_KEYS.items():
+            examples = paired_examples(pools, MODALITIES, garbage=noise, replace=modality)
+            key = f"image+audio+text|{name}"
+            results[key] = round(accuracy(pipeline, examples), 5)
+            results["n"][key] = len(examples)
+    pipeline.model.train(was_training)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--data", required=True, help="folder with mnist/, fsdd/ and/or text.tsv")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp16", "bf16"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-garbage", action="store_true", help="skip the garbage-modality checks")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if not Path(args.data).is_dir():
+        parser.error(f"--data {args.data!r} is not a folder")
+    torch.manual_seed(0)
+    pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
+    results = evaluate(pipeline, args.data, garbage=not args.no_garbage)
+    if not any(k in results for k in SUBSET_KEYS):
+        print(f"no evaluation data found under {args.data}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"{pipeline.description} on {args.data}")
+        for key, count in results["n"].items():
+            print(f"  {key:34s} {100 * results[key]:6.2f}%   (n={count})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The fusion Transformer, top to bottom: attention, layer, modality encoders, `FusionModel`.
+
+Shape legend: B batch, N fused tokens, T tokens of one modality, H heads, D head width, C channels,
+E an encoder's width, F fusion width (`config.hidden_size`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration import MODALITIES, FusionConfig
+
+# The tensor each modality's encoder reads, as the processor produces it.
+INPUT_NAMES = {"image": "pixel_values", "text": "input_ids", "audio": "audio_values"}
+
+
+class FusionAttention(nn.Module):
+    """Multi-head self-attention with explicit `nn.Linear` projections, so bitsandbytes can swap them for 8-bit."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = config.attention_dropout
+
+    def forward(
+        self, hidden: torch.Tensor, *, key_mask: torch.Tensor, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, width = hidden.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+
+        query, key, value = heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden))
+        allowed = key_mask[:, None, None, :]  # (B, 1, 1, N): True where a key may be attended to
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions:
+            # The explicit path: the weights are returned (and can carry gradients for relevance).
+            scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, N, N)
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            weights = scores.float().softmax(dim=-1).to(query.dtype)
+            context = F.dropout(weights, p=dropout, training=self.training) @ value  # (B, H, N, D)
+        else:
+            weights = None
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout)
+        context = context.transpose(1, 2).reshape(batch, length, width)  # (B, N, F)
+        return self.output(context), weights
+
+
+class FusionMLP(nn.Module):
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(hidden))))
+
+
+class FusionLayer(nn.Module):
+    """Pre-norm Transformer layer over the concatenated tokens of all present modalities."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = FusionAttention(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = FusionMLP(config)
+
+    def forward(
+        self, hidden: torch.Tensor, *, key_mask: torch.Tensor, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attention(self.attention_norm(hidden), key_mask=key_mask, output_attentions=output_attentions)
+        hidden = hidden + self.dropout(attended)
+        return hidden + self.mlp(self.mlp_norm(hidden)), weights
+
+
+def encoder_width(config: PretrainedConfig) -> int:
+    """Width of the token features an encoder built from `config` emits."""
+    if getattr(config, "hidden_sizes", None):  # ResNet-style: channels of the last stage
+        return config.hidden_sizes[-1]
+    return config.hidden_size
+
+
+class ModalityEncoder(nn.Module):
+    """Any `AutoModel` encoder plus a projection of its tokens to the fusion width.
+
+    Convolutional encoders' feature maps become one token per spatial cell. Spectrograms arrive as
+    (B, mel, frames) and are laid out as the encoder expects: (B, frames, mel) for an Audio Spectrogram
+    Transformer, a one-channel image (B, 1, mel, frames) for convolutional or vision encoders.
+    """
+
+    def __init__(self, config: PretrainedConfig, fusion_width: int):
+        super().__init__()
+        # Eager attention so that explanations can read (and differentiate) every encoder attention map;
+        # these encoders are small, so the fused layers' SDPA path is where speed matters.
+        self.encoder = AutoModel.from_config(config, attn_implementation="eager")
+        if getattr(self.encoder, "pooler", None) is not None and any(True for _ in self.encoder.pooler.parameters()):
+            self.encoder.pooler = None  # unused, and unused parameters break distributed training
+        self.projection = nn.Linear(encoder_width(config), fusion_width)
+
+    def forward(
+        self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Returns tokens (B, T, F), their mask (B, T) and the encoder's attentions when asked and available."""
+        main_input = self.encoder.main_input_name
+        kwargs = {}
+        if main_input == "input_ids":
+            kwargs["attention_mask"] = attention_mask
+        elif inputs.dim() == 3 and main_input == "input_values":
+            inputs = inputs.transpose(1, 2)  # (B, frames, mel)
+        elif inputs.dim() == 3:
+            inputs = inputs.unsqueeze(1)  # (B, 1, mel, frames)
+        if output_attentions and self.encoder.config._attn_implementation == "eager":
+            kwargs["output_attentions"] = True
+        outputs = self.encoder(**{main_input: inputs}, **kwargs)
+        features = outputs.last_hidden_state
+        if features.dim() == 4:
+            features = features.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        tokens = self.projection(features)  # (B, T, F)
+        if attention_mask is None:
+            attention_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return tokens, attention_mask.bool(), getattr(outputs, "attentions", None)
+
+
+@dataclass
+class FusionOutput(ModelOutput):
+    """What [`FusionModel.forward`] returns, whatever was asked.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): cross-entropy, when `labels` were given.
+        logits (`torch.FloatTensor` of shape `(B, num_labels)`).
+        fusion_attentions (`tuple` of `(B, H, N, N)` tensors): one per fusion layer, with `output_attentions=True`.
+        encoder_attentions (`dict[str, tuple]`): each attention encoder's own attentions (over the items that have
+            the modality), with `output_attentions=True`.
+        modality_spans (`dict[str, tuple[int, int]]`): `[start, end)` of each modality's tokens in the fused sequence;
+            token 0 is the fusion summary token.
+        token_mask (`torch.BoolTensor` of shape `(B, N)`): which fused tokens are real for each item.
+        modality_mask (`dict[str, torch.BoolTensor]`): per modality, which items of the batch carried it.
+        summary (`torch.FloatTensor` of shape `(B, F)`): the final summary token the head reads.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: dict[str, tuple[torch.FloatTensor, ...]] | None = None
+    modality_spans: dict[str, tuple[int, int]] | None = None
+    token_mask: torch.BoolTensor | None = None
+    modality_mask: dict[str, torch.BoolTensor] | None = None
+    summary: torch.FloatTensor | None = None
+
+
+class FusionPreTrainedModel(PreTrainedModel):
+    config_class = FusionConfig
+    base_model_prefix = "fusion"
+    main_input_name = "input_ids"
+    _no_split_modules = ["FusionLayer", "ModalityEncoder"]
+    # Kept out of 8-bit replacement: the head is small and decides the answer.
+    _keep_in_fp32_modules = ["classifier"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, FusionModel):
+            nn.init.normal_(module.summary_token, std=self.config.initializer_range)
+
+
+class FusionModel(FusionPreTrainedModel):
+    """Fuses any non-empty subset of image, text and audio with self-attention over all their tokens.
+
+    Each present modality is encoded by its own encoder, projected to the fusion width and tagged with a
+    learned modality embedding; a summary token is prepended and the fusion layers attend across everything.
+    A modality an item lacks contributes no attendable token: its slots are masked out, and a modality no
+    item of the batch carries has no slots at all.
+
+    Args:
+        config (`FusionConfig`): the encoders, fusion sizes and labels.
+
+    Example:
+        ```python
+        >>> model = FusionModel(FusionConfig(id2label={0: "no", 1: "yes"}))
+        >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=images)
+        >>> out.logits.shape, out.modality_spans
+        (torch.Size([B, 2]), {'image': (1, 17), 'text': (17, 17 + T)})
+        ```
+    """
+
+    def __init__(self, config: FusionConfig):
+        super().__init__(config)
+        self.encoders = nn.ModuleDict(
+            {m: ModalityEncoder(config.modality_config(m), config.hidden_size) for m in MODALITIES}
+        )
+        self.modality_embeddings = nn.Embedding(len(MODALITIES) + 1, config.hidden_size)  # index 0: summary
+        self.summary_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.layers = nn.ModuleList([FusionLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @classmethod
+    def from_encoders(
+        cls,
+        *,
+        image: str | None = None,
+        text: str | None = None,
+        audio: str | None = None,
+        **config_kwargs,
+    ) -> "FusionModel":
+        """Build a model whose encoders start from pretrained checkpoints (local folders or hub ids).
+
+        Modalities not named get the default encoders of `FusionConfig`; `config_kwargs` set the fusion sizes
+        and labels (`hidden_size=`, `id2label=`, ...).
+        """
+        sources = {"image": image, "text": text, "audio": audio}
+        sub_configs = {f"{m}_config": AutoConfig.from_pretrained(src) for m, src in sources.items() if src}
+        model = cls(FusionConfig(**sub_configs, **config_kwargs))
+        for modality, source in sources.items():
+            if source:
+                pretrained = AutoModel.from_pretrained(source)
+                missing, unexpected = model.encoders[modality].encoder.load_state_dict(pretrained.state_dict(), strict=False)
+                if missing:
+                    raise ValueError(f"the {modality} encoder at {source!r} lacks weights the model needs: {missing[:5]}")
+        return model
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        audio_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        audio_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> FusionOutput:
+        """
+        Args:
+            pixel_values (`(B, C, height, width)`): images; rows of items without an image are ignored.
+            input_ids (`(B, T)`) and attention_mask (`(B, T)`): tokenised text.
+            audio_values (`(B, mel, frames)`): log-mel spectrograms.
+            image_mask, text_mask, audio_mask (`(B,)` bool): which items carry that modality; when a modality's
+                tensor is given without its mask, every item carries it.
+            labels (`(B,)` long): class indices, for the loss.
+            output_attentions (`bool`): use the explicit attention path and return every attention map.
+        """
+        inputs = {"image": pixel_values, "text": input_ids, "audio": audio_values}
+        presence = {"image": image_mask, "text": text_mask, "audio": audio_mask}
+        batch = next((x.shape[0] for x in inputs.values() if x is not None), None)
+        if batch is None:
+            raise ValueError("FusionModel needs at least one of pixel_values, input_ids or audio_values")
+        device = self.summary_token.device
+
+        pieces, masks, spans, item_masks, encoder_attentions = [], [], {}, {}, {}
+        length = 1
+        for index, modality in enumerate(MODALITIES, start=1):
+            values = inputs[modality]
+            if values is None:
+                continue
+            present = presence[modality]
+            present = torch.ones(batch, dtype=torch.bool, device=device) if present is None else present.to(device).bool()
+            if not present.any():
+                continue
+            rows = present.nonzero(as_tuple=True)[0]
+            text_attention = None
+            if modality == "text":
+                text_attention = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+                text_attention = text_attention.to(device)[rows]
+            tokens, token_mask, attentions = self.encoders[modality](
+                values.to(device)[rows], attention_mask=text_attention, output_attentions=output_attentions
+            )
+            tokens = tokens + self.modality_embeddings.weight[index]
+            # Scatter the encoded items back into the batch; the other items' slots stay masked out.
+            full = tokens.new_zeros(batch, tokens.shape[1], tokens.shape[2])  # (B, T, F)
+            full[rows] = tokens
+            full_mask = torch.zeros(batch, tokens.shape[1], dtype=torch.bool, device=device)
+            full_mask[rows] = token_mask
+            pieces.append(full)
+            masks.append(full_mask)
+            spans[modality] = (length, length + tokens.shape[1])
+            length += tokens.shape[1]
+            item_masks[modality] = present
+            if attentions:
+                encoder_attentions[modality] = attentions
+
+        if not pieces:
+            raise ValueError("FusionModel got no item that carries any modality")
+        summary = (self.summary_token + self.modality_embeddings.weight[0]).expand(batch, -1, -1)  # (B, 1, F)
+        hidden = torch.cat([summary.to(pieces[0].dtype), *pieces], dim=1)  # (B, N, F)
+        token_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), *masks], dim=1)  # (B, N)
+        if not token_mask[:, 1:].any(dim=1).all():
+            empty = (~token_mask[:, 1:].any(dim=1)).nonzero(as_tuple=True)[0].tolist()
+            raise ValueError(f"items {empty} of the batch carry no modality; each item needs at least one")
+
+        fusion_attentions = []
+        for layer in self.layers:
+            hidden, weights = layer(hidden, key_mask=token_mask, output_attentions=output_attentions)
+            if output_attentions:
+                fusion_attentions.append(weights)
+        summary_state = self.final_norm(hidden[:, 0])  # (B, F)
+        logits = self.classifier(summary_state.to(self.classifier.weight.dtype))
+        loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None
+        return FusionOutput(
+            loss=loss,
+            logits=logits,
+            fusion_attentions=tuple(fusion_attentions) if output_attentions else None,
+            encoder_attentions=encoder_attentions if output_attentions else None,
+            modality_spans=spans,
+            token_mask=token_mask,
+            modality_mask=item_masks,
+            summary=summary_state,
+        )

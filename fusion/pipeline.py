@@ -1,0 +1,180 @@
+"""`FusionPipeline`: load a checkpoint once in the chosen precision, then answer any mix of inputs."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configuration import MODALITIES
+from .modeling import FusionModel
+from .processing import FusionInputError, FusionProcessor
+
+PRECISIONS = ("auto", "int8", "fp16", "bf16", "fp32")
+REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
+
+
+@dataclass
+class Prediction:
+    """One answer: the label, every class's probability, and what went in.
+
+    Args:
+        label (`str`): the most probable class.
+        probs (`dict[str, float]`): probability of every class, summing to 1.
+        modalities (`list[str]`): the modalities the answer used.
+        meta (`dict`): preprocessing facts (image geometry, audio window start, text truncation).
+        timings (`dict[str, float]`): seconds spent per stage.
+    """
+
+    label: str
+    probs: dict[str, float]
+    modalities: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def confidence(self) -> float:
+        return self.probs[self.label]
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        return sorted(self.probs.items(), key=lambda kv: kv[1], reverse=True)[:k]
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder, or a `FileNotFoundError` that names what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint folder {str(path)!r} lacks {', '.join(missing)}")
+    return path
+
+
+def resolve_precision(precision: str, device: str | torch.device | None) -> tuple[str, torch.device]:
+    """`auto` means 8-bit on a CUDA GPU and fp32 on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if precision == "auto":
+        precision = "int8" if device.type == "cuda" else "fp32"
+    return precision, device
+
+
+def load_model(path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> tuple[FusionModel, str, torch.device]:
+    """Load `FusionModel` from a checkpoint folder in a precision; returns the model, precision and device."""
+    path = check_checkpoint(path)
+    precision, device = resolve_precision(precision, device)
+    if precision == "int8":
+        from transformers import BitsAndBytesConfig
+
+        # Norms, the head and the convolutional encoders stay in fp32; bitsandbytes casts inputs of its
+        # 8-bit matmuls to fp16 itself, which it warns about on every call.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        model = FusionModel.from_pretrained(
+            path,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            device_map={"": str(device)} if device.type == "cuda" else {"": "cpu"},
+            dtype=torch.float32,
+        )
+    else:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+        model = FusionModel.from_pretrained(path, dtype=dtype).to(device)
+    return model.eval(), precision, device
+
+
+class FusionPipeline:
+    """Loads a fusion checkpoint once and answers `image=`, `text=`, `audio=` (any non-empty subset).
+
+    Args:
+        model (`FusionModel`): a loaded model (see `from_pretrained`).
+        processor (`FusionProcessor`): its processor.
+        precision (`str`): the precision the model was loaded in, for display.
+        name (`str`): the checkpoint's name, for display.
+
+    Example:
+        ```python
+        >>> pipe = FusionPipeline.from_pretrained("assets/fusion-digits", precision="int8")
+        >>> pred = pipe(image="seven.png", text="seven", audio="seven.wav")
+        >>> pred.label, round(pred.confidence, 2)
+        ('7', 0.99)
+        ```
+    """
+
+    def __init__(self, model: FusionModel, processor: FusionProcessor, *, precision: str = "fp32", name: str = "fusion"):
+        self.model, self.processor = model, processor
+        self.precision, self.name = precision, name
+        self.device = next(model.parameters()).device
+        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> "FusionPipeline":
+        model, precision, _ = load_model(path, precision=precision, device=device)
+        return cls(model, FusionProcessor.from_pretrained(path), precision=precision, name=Path(path).name)
+
+    @property
+    def description(self) -> str:
+        """For example `fusion-digits · int8 · cuda:0`."""
+        return f"{self.name} · {self.precision} · {self.device}"
+
+    def __call__(
+        self,
+        items: list[dict] | None = None,
+        *,
+        image: Any = None,
+        text: str | None = None,
+        audio: Any = None,
+    ) -> Prediction | list[Prediction]:
+        """Answer one item (keywords) or a list of item dicts as one batch.
+
+        Empty text (only whitespace) counts as no text. Raises `FusionInputError` for unusable input.
+        """
+        single = items is None
+        if single:
+            items = [{"image": image, "text": text, "audio": audio}]
+        elif not isinstance(items, list) or not items:
+            raise FusionInputError("items must be a non-empty list of dicts with image/text/audio keys")
+        items = [_drop_empty(item) for item in items]
+        started = time.perf_counter()
+        batch = self.processor(items)
+        preprocessed = time.perf_counter()
+        logits = self.forward(batch).logits
+        probs = logits.float().softmax(dim=-1).cpu()
+        finished = time.perf_counter()
+        timings = {"preprocess": preprocessed - started, "forward": finished - preprocessed}
+        predictions = [self._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
+        return predictions[0] if single else predictions
+
+    def forward(self, batch: dict[str, Any], *, output_attentions: bool = False):
+        inputs = {k: v.to(self.device) for k, v in self.processor.model_inputs(batch).items()}
+        if self.precision in ("fp16", "bf16"):
+            dtype = next(self.model.parameters()).dtype
+            inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            return self.model(**inputs, output_attentions=output_attentions)
+
+    def _prediction(self, row: torch.Tensor, info: dict[str, Any], timings: dict[str, float]) -> Prediction:
+        probs = {label: float(p) for label, p in zip(self.labels, row.tolist())}
+        label = self.labels[int(row.argmax())]
+        return Prediction(label=label, probs=probs, modalities=info["modalities"], meta=info, timings=dict(timings))
+
+
+def _drop_empty(item: Any) -> dict:
+    if not isinstance(item, dict):
+        raise FusionInputError(f"each item must be a dict with image/text/audio keys, got {type(item).__name__}")
+    cleaned = {k: v for k, v in item.items() if v is not None}
+    if isinstance(cleaned.get("text"), str) and not cleaned["text"].strip():
+        del cleaned["text"]
+    if not any(m in cleaned for m in MODALITIES) and not set(cleaned) - set(MODALITIES):
+        raise FusionInputError("no input given: provide at least one of an image, a text or an audio clip")
+    return cleaned

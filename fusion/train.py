@@ -1,0 +1,271 @@
+"""Train a fusion model with accelerate: the digits task from the shared data, or your own manifest.
+
+    python -m fusion.train --data ../shared/data --out DIR [--epochs N] [--seed S]
+    python -m fusion.train --manifest my.csv --out DIR
+    accelerate launch --cpu --num_processes 2 -m fusion.train --data ../shared/data --out DIR
+
+The digits task trains on MNIST images outside the held-out split, the FSDD speakers except the held-out one
+(plus synthetic voices when espeak-ng or flite is installed) and generated phrases; it validates on the held-out
+images, the held-out speaker and phrases from validation-only templates. Results are the same for a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .configuration import FusionConfig
+from .data import phrases
+from .data.examples import Augment, ExampleMaker, Pools, collate, image_pool, wave_pool
+from .data.sources import (
+    HELD_OUT_SPEAKER,
+    list_fsdd,
+    load_mnist,
+    mnist_split,
+    read_manifest,
+    write_heldout,
+)
+from .data.synthetic import synthetic_clips
+from .evaluate import SUBSET_KEYS, accuracy, evaluate, load_pools, paired_examples
+from .modeling import FusionModel
+from .pipeline import FusionPipeline
+from .processing import FusionProcessor, ProcessorSettings, build_tokenizer
+
+CONV_ENCODER = {
+    "model_type": "resnet",
+    "num_channels": 1,
+    "embedding_size": 32,
+    "hidden_sizes": [48, 96],
+    "depths": [1, 1],
+    "layer_type": "basic",
+    "downsample_in_first_stage": False,
+}
+
+
+def default_config(*, vocab_size: int, labels: list[str], size: str = "base") -> FusionConfig:
+    """The architecture the digits model uses: small ResNets over pixels and log-mel, a 2-layer BERT, and a
+    2-layer fusion Transformer. `size="tiny"` is for tests and smoke runs."""
+    tiny = size == "tiny"
+    conv = dict(CONV_ENCODER, embedding_size=8, hidden_sizes=[8, 16]) if tiny else CONV_ENCODER
+    width = 32 if tiny else 96
+    return FusionConfig(
+        image_config=dict(conv),
+        audio_config=dict(conv),
+        text_config={
+            "model_type": "bert",
+            "vocab_size": vocab_size,
+            "hidden_size": 32 if tiny else 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64 if tiny else 128,
+            "max_position_embeddings": 64,
+        },
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * width,
+        hidden_dropout_prob=0.1,
+        id2label=dict(enumerate(labels)),
+    )
+
+
+class EpochExamples(Dataset):
+    """`size` examples of the current epoch, each built from its own seed."""
+
+    def __init__(self, maker: ExampleMaker, size: int):
+        self.maker, self.size, self.epoch = maker, size, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        return self.maker(self.epoch, index)
+
+
+def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Pools, dict]:
+    """Training pools and held-out evaluation pools of the digits task."""
+    data = Path(args.data)
+    labels = [str(d) for d in range(10)]
+    pools = Pools(labels=labels, generate_phrases=True)
+    mnist = load_mnist(data)
+    if mnist is not None:
+        train, _ = mnist_split(len(mnist[0]))
+        train = train[:limit]
+        pools.images = image_pool(processor, list(mnist[0][train]), list(mnist[1][train]))
+    clips = [c for c in list_fsdd(data) if c.speaker != HELD_OUT_SPEAKER]
+    if limit:
+        clips = clips[::max(1, len(clips) // limit)]
+    if args.synthetic_voices:
+        clips += synthetic_clips(Path(args.cache) / "synthetic-voices")
+    if clips:
+        pools.waves = wave_pool(processor, [str(c.path) for c in clips], [c.label for c in clips])
+    return pools, {"folder": data, "limit": limit}
+
+
+def manifest_data(args, processor: FusionProcessor) -> tuple[Pools, Pools, list[str]]:
+    """Training and validation pools from a manifest (a seeded 90/10 split of its rows)."""
+    rows = read_manifest(args.manifest)
+    labels = sorted({r.label for r in rows})
+    if len(labels) < 2:
+        raise SystemExit(f"manifest {args.manifest} has {len(labels)} distinct label(s); at least 2 are needed")
+    order = list(range(len(rows)))
+    random.Random(args.seed).shuffle(order)
+    cut = max(1, len(rows) // 10)
+    split = {"val": [rows[i] for i in order[:cut]], "train": [rows[i] for i in order[cut:]]}
+    result = []
+    for name in ("train", "val"):
+        pool = Pools(labels=labels)
+        chosen = split[name]
+        index = {label: i for i, label in enumerate(labels)}
+        with_image = [r for r in chosen if r.image]
+        with_audio = [r for r in chosen if r.audio]
+        pool.images = image_pool(processor, [r.image for r in with_image], [index[r.label] for r in with_image])
+        pool.waves = wave_pool(processor, [r.audio for r in with_audio], [index[r.label] for r in with_audio])
+        for r in chosen:
+            if r.text:
+                pool.texts.setdefault(index[r.label], []).append(r.text)
+        result.append(pool)
+    return result[0], result[1], labels
+
+
+def validation_pools(pools: Pools, pipeline: FusionPipeline) -> dict:
+    """Evaluation pools (preprocessed) from in-memory validation pools."""
+    processor = pipeline.processor
+    out: dict = {}
+    for label, images in pools.images.items():
+        out.setdefault("image", {})[label] = [(torch.from_numpy(i)[None] - processor.settings.image.mean) / processor.settings.image.std for i in images]
+    for label, waves in pools.waves.items():
+        rate = processor.settings.audio.sampling_rate
+        out.setdefault("audio", {})[label] = [processor.audio_features((rate, w))[0] for w in waves]
+    for label, texts in pools.texts.items():
+        out.setdefault("text", {})[label] = texts
+    return out
+
+
+def validate(pipeline: FusionPipeline, pools: dict) -> dict:
+    results = {}
+    for key in SUBSET_KEYS:
+        subset = tuple(key.split("+"))
+        if all(m in pools for m in subset):
+            results[key] = round(accuracy(pipeline, paired_examples(pools, subset)), 4)
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="folder with mnist/ and fsdd/ (the digits task)")
+    parser.add_argument("--manifest", help="CSV or JSONL with image, audio, text, label columns")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--examples-per-epoch", type=int, default=8000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=("base", "tiny"), default="base", help="tiny: for tests and smoke runs")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many items per source (smoke runs)")
+    parser.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and after the last)")
+    parser.add_argument("--synthetic-voices", action=argparse.BooleanOptionalAction, default=True,
+                        help="add espeak-ng/flite voices to the digits audio when those programs are installed")
+    parser.add_argument("--cache", default=None, help="folder for generated data (default: OUT/../.fusion-cache)")
+    args = parser.parse_args(argv)
+    if bool(args.data) == bool(args.manifest):
+        parser.error("give exactly one of --data (the digits task) or --manifest")
+    if args.data and not Path(args.data).is_dir():
+        parser.error(f"--data {args.data!r} is not a folder")
+    if args.cache is None:
+        args.cache = str(Path(args.out).resolve().parent / ".fusion-cache")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(args.seed)
+    log = accelerator.print
+    started = time.perf_counter()
+
+    rng = random.Random(args.seed)
+    corpus = phrases.corpus(rng, count=20000)
+    manifest_texts = [r.text for r in read_manifest(args.manifest) if r.text] if args.manifest else []
+    tokenizer = build_tokenizer(corpus + manifest_texts, vocab_size=1000)
+    processor = FusionProcessor(tokenizer, ProcessorSettings())
+
+    heldout_dir = None
+    if args.data:
+        pools, _ = digits_data(args, processor, args.limit)
+        labels = pools.labels
+        heldout_dir = Path(tempfile.mkdtemp(prefix="fusion-heldout-"))
+        write_heldout(args.data, heldout_dir, limit=args.limit)
+    else:
+        pools, val_pools, labels = manifest_data(args, processor)
+    config = default_config(vocab_size=len(tokenizer), labels=labels, size=args.size)
+    set_seed(args.seed)
+    model = FusionModel(config)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"data: {sum(map(len, pools.images.values()))} images, {sum(map(len, pools.waves.values()))} clips")
+
+    maker = ExampleMaker(pools, processor, seed=args.seed, augment=Augment())
+    dataset = EpochExamples(maker, args.examples_per_epoch)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=lambda b: collate(b, processor))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    steps = args.epochs * math.ceil(len(dataset) / (args.batch_size * accelerator.num_processes))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(200, steps // 10), num_training_steps=steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    pipeline = FusionPipeline(accelerator.unwrap_model(model), processor, precision="fp32", name=Path(args.out).name)
+    eval_pools = load_pools(heldout_dir, pipeline) if heldout_dir else validation_pools(val_pools, pipeline)
+
+    history = []
+    for epoch in range(args.epochs):
+        dataset.epoch = epoch
+        model.train()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process, leave=False)
+        for batch in bar:
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4), "seconds": round(time.perf_counter() - started, 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            if accelerator.is_main_process:
+                entry["val"] = validate(pipeline, eval_pools)
+        history.append(entry)
+        log(json.dumps(entry))
+
+    accelerator.wait_for_everyone()
+    summary = {"epochs": args.epochs, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1), "history": history}
+    if accelerator.is_main_process:
+        out = Path(args.out)
+        pipeline.model.save_pretrained(out)
+        processor.save_pretrained(out)
+        (out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if heldout_dir is not None:
+            summary["heldout"] = evaluate(pipeline, heldout_dir)
+            (out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+        log(f"saved {out} after {summary['seconds']} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+from fusion import FusionConfig, FusionModel
+from fusion.modeling import FusionAttention
+
+from .conftest import random_inputs, tiny_config
+
+
+def test_config_validates_with_clear_messages():
+    with pytest.raises(ValueError, match=r"hidden_size \(30\) must be divisible by num_attention_heads \(4\)"):
+        tiny_config(hidden_size=30)
+    with pytest.raises(ValueError, match=r"hidden_dropout_prob must be in \[0, 1\), got 1.5"):
+        tiny_config(hidden_dropout_prob=1.5)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        tiny_config(id2label={0: "only"})
+    with pytest.raises(ValueError, match="num_hidden_layers must be a positive integer"):
+        tiny_config(num_hidden_layers=0)
+
+
+def test_config_round_trip_and_auto_classes(tmp_path):
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, FusionConfig)
+    assert loaded.audio_config.model_type == "audio-spectrogram-transformer"
+    assert loaded.text_config.hidden_size == 32
+    assert loaded.id2label[7] == "7"
+    assert isinstance(AutoModel.from_config(loaded), FusionModel)
+
+
+def test_fused_length_and_spans(model):
+    out = model(**random_inputs(3, text_length=7), output_attentions=True)
+    # image: ResNet 28x28 -> 4x4 = 16 tokens; text: 7; audio: AST 4x12 patches + 2 = 50 tokens
+    assert out.modality_spans == {"image": (1, 17), "text": (17, 24), "audio": (24, 74)}
+    assert out.logits.shape == (3, 10)
+    assert out.token_mask.shape == (3, 1 + 16 + 7 + 50)
+    assert len(out.fusion_attentions) == 2
+    assert out.fusion_attentions[0].shape == (3, 4, 74, 74)
+    assert set(out.encoder_attentions) == {"text", "audio"}  # the ResNet has no attention
+    assert out.encoder_attentions["audio"][0].shape == (3, 4, 50, 50)
+
+
+def test_every_subset_gives_its_own_tokens_only(model):
+    inputs = random_inputs(2)
+    for keys, length in [({"pixel_values"}, 17), ({"input_ids", "attention_mask"}, 8), ({"audio_values"}, 51),
+                         ({"pixel_values", "audio_values"}, 67)]:
+        out = model(**{k: v for k, v in inputs.items() if k in keys})
+        assert out.token_mask.shape == (2, length)
+        assert torch.isfinite(out.logits).all()
+
+
+def test_text_padding_does_not_change_logits(model):
+    inputs = random_inputs(2, text_length=5)
+    padded = dict(inputs)
+    padded["input_ids"] = torch.cat([inputs["input_ids"], torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    padded["attention_mask"] = torch.cat([inputs["attention_mask"], torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, model(**padded).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_subset_batch_equals_items_alone(model):
+    inputs = random_inputs(3)
+    masks = {"image_mask": torch.tensor([True, False, True]), "text_mask": torch.tensor([True, True, False]),
+             "audio_mask": torch.tensor([False, True, True])}
+    with torch.no_grad():
+        batched = model(**inputs, **masks).logits
+        for i in range(3):
+            alone = {}
+            if masks["image_mask"][i]:
+                alone["pixel_values"] = inputs["pixel_values"][i : i + 1]
+            if masks["text_mask"][i]:
+                alone["input_ids"] = inputs["input_ids"][i : i + 1]
+                alone["attention_mask"] = inputs["attention_mask"][i : i + 1]
+            if masks["audio_mask"][i]:
+                alone["audio_values"] = inputs["audio_values"][i : i + 1]
+            torch.testing.assert_close(batched[i : i + 1], model(**alone).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_absent_rows_are_never_read(model):
+    inputs = random_inputs(2)
+    mask = torch.tensor([True, False])
+    changed = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    changed["pixel_values"][1] = 1e6  # row of an item without an image
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, image_mask=mask).logits, model(**changed, image_mask=mask).logits)
+
+
+def test_item_without_any_modality_is_refused(model):
+    inputs = random_inputs(2)
+    with pytest.raises(ValueError, match=r"items \[1\] of the batch carry no modality"):
+        model(pixel_values=inputs["pixel_values"], image_mask=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="needs at least one of"):
+        model()
+
+
+def test_fast_and_explicit_attention_agree():
+    torch.manual_seed(0)
+    attention = FusionAttention(tiny_config()).eval()
+    hidden = torch.randn(2, 9, 32)
+    key_mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
+    fast, none = attention(hidden, key_mask=key_mask, output_attentions=False)
+    explicit, weights = attention(hidden, key_mask=key_mask, output_attentions=True)
+    assert none is None
+    torch.testing.assert_close(fast, explicit, rtol=1e-5, atol=1e-6)
+    assert weights.shape == (2, 4, 9, 9)
+    assert weights[1, :, :, 5:].abs().max() == 0  # masked keys get no weight
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 9))
+
+
+def test_loss_with_labels(model):
+    out = model(**random_inputs(3), labels=torch.tensor([1, 2, 3]))
+    assert out.loss.shape == () and out.loss > 0
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None
+
+
+def test_save_and_load_give_identical_logits(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = FusionModel.from_pretrained(tmp_path).eval()
+    inputs = random_inputs(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, loaded(**inputs).logits, rtol=0, atol=0)
+
+
+def test_8bit_load_on_cpu(model, tmp_path):
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    model.save_pretrained(tmp_path)
+    quantized = FusionModel.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto", dtype=torch.float32
+    ).eval()
+    assert isinstance(quantized.layers[0].attention.query, bnb.nn.Linear8bitLt)
+    assert isinstance(quantized.layers[1].mlp.down, bnb.nn.Linear8bitLt)
+    assert isinstance(quantized.encoders["text"].encoder.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
+    assert isinstance(quantized.encoders["audio"].projection, bnb.nn.Linear8bitLt)
+    assert type(quantized.classifier) is torch.nn.Linear
+    assert quantized.classifier.weight.dtype == torch.float32
+    assert quantized.final_norm.weight.dtype == torch.float32
+    assert quantized.get_memory_footprint() < 0.7 * model.get_memory_footprint()
+    inputs = random_inputs(4)
+    with torch.no_grad():
+        reference, approximate = model(**inputs).logits, quantized(**inputs).logits
+    assert (reference - approximate).abs().max() < 0.05 * reference.abs().max() + 1e-3
+
+
+def test_from_encoders_loads_pretrained_weights(tmp_path):
+    torch.manual_seed(1)
+    bert = BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=32))
+    bert.save_pretrained(tmp_path / "text-encoder")
+    model = FusionModel.from_encoders(text=str(tmp_path / "text-encoder"), hidden_size=32, num_attention_heads=4,
+                                      id2label={0: "a", 1: "b"})
+    assert model.config.text_config.vocab_size == 120
+    loaded = model.encoders["text"].encoder.embeddings.word_embeddings.weight
+    torch.testing.assert_close(loaded, bert.embeddings.word_embeddings.weight)
+    out = model(input_ids=torch.randint(0, 120, (2, 6)))
+    assert out.logits.shape == (2, 2)

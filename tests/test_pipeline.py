@@ -1,0 +1,76 @@
+import shutil
+
+import pytest
+import torch
+
+from fusion import FusionPipeline
+from fusion.processing import FusionInputError
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return FusionPipeline.from_pretrained(tiny_checkpoint, precision="fp32")
+
+
+def test_prediction_has_label_and_probabilities(pipe, digit_image, tone):
+    pred = pipe(image=digit_image, text="seven", audio=tone)
+    assert pred.label in pipe.labels
+    assert set(pred.probs) == {str(d) for d in range(10)}
+    assert abs(sum(pred.probs.values()) - 1) < 1e-5
+    assert pred.confidence == max(pred.probs.values())
+    assert pred.modalities == ["image", "text", "audio"]
+    assert pred.timings["forward"] > 0
+    assert pipe.description.endswith("· fp32 · cpu")
+
+
+def test_any_subset_and_empty_text_counts_as_absent(pipe, digit_image, tone):
+    assert pipe(text="drei").modalities == ["text"]
+    assert pipe(image=digit_image, text="  ").modalities == ["image"]
+    assert pipe(audio=tone).modalities == ["audio"]
+    with pytest.raises(FusionInputError, match="no input given"):
+        pipe(text="")
+    with pytest.raises(FusionInputError, match="no input given"):
+        pipe()
+
+
+def test_a_list_runs_as_one_batch_and_matches_single_calls(pipe, digit_image, tone):
+    items = [{"image": digit_image}, {"text": "nine", "audio": tone}, {"image": digit_image, "text": "4"}]
+    batched = pipe(items)
+    assert [p.modalities for p in batched] == [["image"], ["text", "audio"], ["image", "text"]]
+    for item, prediction in zip(items, batched):
+        alone = pipe(**item)
+        assert alone.label == prediction.label
+        assert abs(alone.confidence - prediction.confidence) < 1e-5
+
+
+def test_int8_pipeline_on_cpu_is_close_to_fp32(tiny_checkpoint, pipe, digit_image, tone):
+    import bitsandbytes as bnb
+
+    int8 = FusionPipeline.from_pretrained(tiny_checkpoint, precision="int8", device="cpu")
+    assert int8.precision == "int8" and "int8" in int8.description
+    assert isinstance(int8.model.layers[0].attention.key, bnb.nn.Linear8bitLt)
+    a, b = pipe(image=digit_image, text="seven", audio=tone), int8(image=digit_image, text="seven", audio=tone)
+    assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 0.05
+
+
+def test_auto_precision_is_fp32_on_cpu(tiny_checkpoint):
+    assert FusionPipeline.from_pretrained(tiny_checkpoint, precision="auto", device="cpu").precision == "fp32"
+
+
+def test_unknown_precision_and_missing_gpu(tiny_checkpoint):
+    with pytest.raises(ValueError, match="precision must be one of auto, int8, fp16, bf16, fp32, got 'int4'"):
+        FusionPipeline.from_pretrained(tiny_checkpoint, precision="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            FusionPipeline.from_pretrained(tiny_checkpoint, device="cuda")
+
+
+def test_missing_or_damaged_checkpoint_names_what_is_missing(tiny_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FusionPipeline.from_pretrained(tmp_path / "nowhere")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_checkpoint, damaged)
+    (damaged / "model.safetensors").unlink()
+    (damaged / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks model.safetensors, tokenizer.json"):
+        FusionPipeline.from_pretrained(damaged)
