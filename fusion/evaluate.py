@@ -25,7 +25,8 @@ from .data.examples import collate
 from .data.sources import list_fsdd, load_mnist, load_phrases
 from .pipeline import FusionPipeline
 
-SUBSET_KEYS = ["+".join(s) for r in (1, 2, 3) for s in itertools.combinations(MODALITIES, r)]
+# Keys name modalities in the order image, audio, text.
+SUBSET_KEYS = ["+".join(s) for r in (1, 2, 3) for s in itertools.combinations(("image", "audio", "text"), r)]
 GARBAGE_KEYS = {"image": "noise image", "audio": "noise audio", "text": "no-number text"}
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import torch
 
 from .configuration import MODALITIES
 from .modeling import FusionModel
+from .explain import Explanation, counterfactuals, explain_item
 from .processing import FusionInputError, FusionProcessor
 
 PRECISIONS = ("auto", "int8", "fp16", "bf16", "fp32")
@@ -35,6 +36,14 @@ class Prediction:
     modalities: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    explanation: Explanation | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # `pred.image_heatmap`, `pred.modality_shares`, ...: the explanation's fields, when explained.
+        explanation = self.__dict__.get("explanation")
+        if explanation is not None and name in Explanation.__dataclass_fields__:
+            return getattr(explanation, name)
+        raise AttributeError(f"Prediction has no attribute {name!r}" + ("" if explanation else " (call with explain=True)"))
 
     @property
     def confidence(self) -> float:
@@ -71,6 +80,11 @@ def resolve_precision(precision: str, device: str | torch.device | None) -> tupl
     return precision, device
 
 
+class _QuietCast(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
 def load_model(path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> tuple[FusionModel, str, torch.device]:
     """Load `FusionModel` from a checkpoint folder in a precision; returns the model, precision and device."""
     path = check_checkpoint(path)
@@ -79,8 +93,8 @@ def load_model(path: str | Path, *, precision: str = "auto", device: str | torch
         from transformers import BitsAndBytesConfig
 
         # Norms, the head and the convolutional encoders stay in fp32; bitsandbytes casts inputs of its
-        # 8-bit matmuls to fp16 itself, which it warns about on every call.
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        # 8-bit matmuls to fp16 itself, and logs that on every call.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietCast())
         model = FusionModel.from_pretrained(
             path,
             quantization_config=BitsAndBytesConfig(load_in_8bit=True),
@@ -134,10 +148,16 @@ class FusionPipeline:
         image: Any = None,
         text: str | None = None,
         audio: Any = None,
+        explain: bool = False,
+        method: str = "relevance",
+        target: str | None = None,
     ) -> Prediction | list[Prediction]:
         """Answer one item (keywords) or a list of item dicts as one batch.
 
-        Empty text (only whitespace) counts as no text. Raises `FusionInputError` for unusable input.
+        With `explain=True` each prediction also carries an `Explanation` (heatmaps, modality shares,
+        counterfactual subsets, Shapley values, attention) by `method` (relevance, rollout, attention), for
+        the predicted class or `target`. Empty text (only whitespace) counts as no text. Raises
+        `FusionInputError` for unusable input.
         """
         single = items is None
         if single:
@@ -153,7 +173,22 @@ class FusionPipeline:
         finished = time.perf_counter()
         timings = {"preprocess": preprocessed - started, "forward": finished - preprocessed}
         predictions = [self._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
+        if explain:
+            for index, prediction in enumerate(predictions):
+                prediction.explanation = self.explain(_item_batch(batch, index), method=method, target=target)
+                prediction.timings["explain"] = prediction.explanation.seconds
         return predictions[0] if single else predictions
+
+    def explain(self, batch: dict[str, Any], *, method: str = "relevance", target: str | None = None) -> Explanation:
+        """Explain the one item of a processed batch (see `fusion.explain`)."""
+        if target is not None and target not in self.labels:
+            raise FusionInputError(f"target {target!r} is not a label of this model; labels: {', '.join(self.labels)}")
+        started = time.perf_counter()
+        _, explanation = explain_item(self, batch, method=method, target=target)
+        index = self.labels.index(explanation.target)
+        explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(self, batch, index)
+        explanation.seconds = time.perf_counter() - started
+        return explanation
 
     def forward(self, batch: dict[str, Any], *, output_attentions: bool = False):
         inputs = {k: v.to(self.device) for k, v in self.processor.model_inputs(batch).items()}
@@ -178,3 +213,18 @@ def _drop_empty(item: Any) -> dict:
     if not any(m in cleaned for m in MODALITIES) and not set(cleaned) - set(MODALITIES):
         raise FusionInputError("no input given: provide at least one of an image, a text or an audio clip")
     return cleaned
+
+
+def _item_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:
+    """Row `index` of a processed batch, as a batch of one (text trimmed of padding)."""
+    item = {k: v[index : index + 1] for k, v in batch.items() if k != "meta"}
+    if "input_ids" in item:
+        length = max(1, int(item["attention_mask"].sum()))
+        item["input_ids"], item["attention_mask"] = item["input_ids"][:, :length], item["attention_mask"][:, :length]
+    for modality in MODALITIES:
+        if f"{modality}_mask" in item and not item[f"{modality}_mask"].any():
+            for key in {"image": ("pixel_values",), "audio": ("audio_values",), "text": ("input_ids", "attention_mask")}[modality]:
+                item.pop(key)
+            item.pop(f"{modality}_mask")
+    item["meta"] = [batch["meta"][index]]
+    return item

@@ -62,8 +62,7 @@ class AudioSettings:
     target_rms: float = 0.05  # loudness every clip is brought to before features
     silence_peak: float = 1e-4  # a clip whose peak is below this is refused as silent
     max_seconds: float = 60.0  # longer clips are refused
-    mean: float = -6.0  # normalisation of the log-mel values, measured on training data
-    std: float = 3.0
+    top_db: float = 50.0  # log-mel values are floored this far below the clip's peak (hides room noise)
 
     @property
     def num_frames(self) -> int:
@@ -398,9 +397,15 @@ class LogMel:
         )
 
     def __call__(self, waves: torch.Tensor) -> torch.Tensor:
-        """(B, samples) -> normalised log-mel (B, mel, frames)."""
+        """(B, samples) -> log-mel (B, mel, frames), floored at `top_db` below each clip's peak and normalised
+        per clip to zero mean and unit variance, so microphones and rooms matter less than the words."""
         mel = self.transform(waves)[..., : self.settings.num_frames]
-        return (torch.log(mel + 1e-6) - self.settings.mean) / self.settings.std
+        decibels = 10 * torch.log10(mel.clamp_min(1e-10))  # (B, mel, frames)
+        peak = decibels.amax(dim=(-2, -1), keepdim=True)
+        decibels = torch.maximum(decibels, peak - self.settings.top_db)
+        mean = decibels.mean(dim=(-2, -1), keepdim=True)
+        std = decibels.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+        return (decibels - mean) / std
 
 
 # ------------------------------------------------------------------------------------------- processor

@@ -55,22 +55,24 @@ CONV_ENCODER = {
 }
 
 
-def default_config(*, vocab_size: int, labels: list[str], size: str = "base") -> FusionConfig:
+def default_config(*, vocab_size: int, labels: list[str], size: str = "base", width: int = 128,
+                   conv_widths: tuple[int, int] = (64, 128), text_width: int = 96) -> FusionConfig:
     """The architecture the digits model uses: small ResNets over pixels and log-mel, a 2-layer BERT, and a
-    2-layer fusion Transformer. `size="tiny"` is for tests and smoke runs."""
+    2-layer fusion Transformer of `width`. `size="tiny"` is for tests and smoke runs."""
     tiny = size == "tiny"
-    conv = dict(CONV_ENCODER, embedding_size=8, hidden_sizes=[8, 16]) if tiny else CONV_ENCODER
-    width = 32 if tiny else 96
+    conv = dict(CONV_ENCODER, hidden_sizes=list(conv_widths))
+    if tiny:
+        conv, width = dict(CONV_ENCODER, embedding_size=8, hidden_sizes=[8, 16]), 32
     return FusionConfig(
         image_config=dict(conv),
         audio_config=dict(conv),
         text_config={
             "model_type": "bert",
             "vocab_size": vocab_size,
-            "hidden_size": 32 if tiny else 64,
+            "hidden_size": 32 if tiny else text_width,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
-            "intermediate_size": 64 if tiny else 128,
+            "intermediate_size": 64 if tiny else 2 * text_width,
             "max_position_embeddings": 64,
         },
         hidden_size=width,
@@ -175,6 +177,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=("base", "tiny"), default="base", help="tiny: for tests and smoke runs")
+    parser.add_argument("--width", type=int, default=128, help="fusion Transformer width")
+    parser.add_argument("--text-width", type=int, default=96, help="text encoder width")
+    parser.add_argument("--conv-widths", default="64,128", help="channels of the two ResNet stages (image and audio)")
+    parser.add_argument("--image-size", type=int, default=56, help="side of the square image the model sees")
+    parser.add_argument("--garbage", type=float, default=Augment.garbage, help="chance of a garbage modality")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per source (smoke runs)")
     parser.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and after the last)")
     parser.add_argument("--synthetic-voices", action=argparse.BooleanOptionalAction, default=True,
@@ -204,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = phrases.corpus(rng, count=20000)
     manifest_texts = [r.text for r in read_manifest(args.manifest) if r.text] if args.manifest else []
     tokenizer = build_tokenizer(corpus + manifest_texts, vocab_size=1000)
-    processor = FusionProcessor(tokenizer, ProcessorSettings())
+    settings = ProcessorSettings()
+    settings.image.size, settings.image.ink_box = args.image_size, round(args.image_size * 20 / 28)
+    processor = FusionProcessor(tokenizer, settings)
 
     heldout_dir = None
     if args.data:
@@ -214,13 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
         write_heldout(args.data, heldout_dir, limit=args.limit)
     else:
         pools, val_pools, labels = manifest_data(args, processor)
-    config = default_config(vocab_size=len(tokenizer), labels=labels, size=args.size)
+    conv_widths = tuple(int(w) for w in args.conv_widths.split(","))
+    config = default_config(vocab_size=len(tokenizer), labels=labels, size=args.size, width=args.width,
+                            conv_widths=conv_widths, text_width=args.text_width)
     set_seed(args.seed)
     model = FusionModel(config)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"data: {sum(map(len, pools.images.values()))} images, {sum(map(len, pools.waves.values()))} clips")
 
-    maker = ExampleMaker(pools, processor, seed=args.seed, augment=Augment())
+    maker = ExampleMaker(pools, processor, seed=args.seed, augment=Augment(garbage=args.garbage))
     dataset = EpochExamples(maker, args.examples_per_epoch)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=lambda b: collate(b, processor))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

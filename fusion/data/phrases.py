@@ -44,6 +44,9 @@ NO_NUMBER = [
     "你好", "天气很好", "bonjour", "hola amigo", "guten tag", "the quick brown fox", "no idea", "asdf qwer",
 ]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+# Filler for training phrases, so the model learns to ignore words it has never seen.
+FILLER_CJK = "的了是我你他她们这那个在有和说吗呢吧好很大小上下中来去看想要会能对"
+FILLER_PUNCTUATION = [",", ".", "!", "?", ":", "...", "-"]
 
 
 def _all_number_words() -> dict[str, int]:
@@ -119,12 +122,30 @@ def _arithmetic(digit: int, rng: random.Random) -> str:
     return _case(f"{operand(a)}{spacing}{op}{spacing}{operand(b)}", rng) if words else f"{a}{spacing}{op}{spacing}{b}"
 
 
-def phrase(digit: int, rng: random.Random, *, split: str = "train") -> str:
-    """A phrase meaning `digit`, from the templates of `split` ("train" or "val")."""
+def filler(rng: random.Random) -> str:
+    """A random non-number word: letters, CJK characters or punctuation."""
+    kind = rng.random()
+    if kind < 0.6:
+        word = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(2, 8)))
+        return word if word not in NUMBER_WORDS else "xyz"
+    if kind < 0.85:
+        return "".join(rng.choice(FILLER_CJK) for _ in range(rng.randint(1, 3)))
+    return rng.choice(FILLER_PUNCTUATION)
+
+
+def phrase(digit: int, rng: random.Random, *, split: str = "train", filler_rate: float = 0.4) -> str:
+    """A phrase meaning `digit`, from the templates of `split` ("train" or "val"); training phrases also get
+    random filler words around the number, with probability `filler_rate`."""
     expression, language = number_expression(digit, rng)
     template = rng.choice(TEMPLATES[split][language])
     text = template.format(expression)
-    return _case(text, rng) if language == "en" and template != "{}" and rng.random() < 0.3 else text
+    if language == "en" and template != "{}" and rng.random() < 0.3:
+        text = _case(text, rng)
+    if split == "train" and rng.random() < filler_rate:
+        before = [filler(rng) for _ in range(rng.randint(0, 3))]
+        after = [filler(rng) for _ in range(rng.randint(0 if before else 1, 2))]
+        text = " ".join([*before, text, *after])
+    return text
 
 
 def no_number_phrase(rng: random.Random) -> str:
@@ -133,8 +154,9 @@ def no_number_phrase(rng: random.Random) -> str:
 
 
 def corpus(rng: random.Random, *, count: int) -> list[str]:
-    """Phrases of both splits and the no-number phrases, to train the tokenizer on."""
-    texts = [phrase(rng.randrange(10), rng, split=rng.choice(("train", "val"))) for _ in range(count)]
+    """Training phrases (with filler), no-number phrases and every number word, to train the tokenizer on.
+    Validation templates stay out, so their words are as new to the tokenizer as to the model."""
+    texts = [phrase(rng.randrange(10), rng, split="train") for _ in range(count)]
     return texts + NO_NUMBER + [w for words in WORDS.values() for w in words] + ROMAN[1:]
 
 

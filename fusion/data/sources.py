@@ -113,7 +113,7 @@ def write_heldout(data: str | Path, out: str | Path, *, phrases_count: int = 200
         write_idx(out / "mnist" / "labels-idx1-ubyte.gz", mnist[1][held])
     clips = [c for c in list_fsdd(data) if c.speaker == HELD_OUT_SPEAKER]
     if limit:
-        per_digit = max(1, limit // 10)
+        per_digit = max(1, limit // 20)  # clips are the bulk of a sample: half as many as images
         clips = [c for d in range(10) for c in [c for c in clips if c.label == d][:per_digit]]
     for clip in clips:
         shutil.copyfile(clip.path, out / "fsdd" / clip.path.name)

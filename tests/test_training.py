@@ -1,0 +1,105 @@
+"""Training and evaluation end to end on the shipped sample (tiny models, a few seconds each)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fusion import FusionPipeline
+from fusion import evaluate as evaluate_cli
+from fusion import train
+from fusion.data.sources import list_fsdd, load_mnist, load_phrases
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "assets" / "examples" / "sample"
+TINY = ["--size", "tiny", "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """A CSV manifest over the sample: rows with an image and a phrase, rows with a clip, rows with all three."""
+    folder = tmp_path_factory.mktemp("manifest")
+    images, labels = load_mnist(SAMPLE)
+    clips = {c.label: c for c in list_fsdd(SAMPLE)}
+    texts = {digit: text for text, digit in load_phrases(SAMPLE)}
+    rows = []
+    for i, (image, label) in enumerate(zip(images[:120], labels[:120])):
+        path = folder / f"img{i}.png"
+        Image.fromarray(image).save(path)
+        kind = i % 3
+        rows.append({
+            "image": path.name if kind != 1 else "",
+            "audio": os.path.relpath(clips[int(label)].path, folder) if kind != 0 else "",
+            "text": texts[int(label)] if kind != 1 else "",
+            "label": f"digit {label}",
+        })
+    path = folder / "data.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "audio", "text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_tiny_manifest_training_lowers_loss_and_writes_a_loadable_checkpoint(manifest, tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(["--manifest", str(manifest), "--out", str(out), "--epochs", "4",
+                          "--examples-per-epoch", "256", "--lr", "3e-3", *TINY])
+    losses = [entry["loss"] for entry in summary["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert set(summary["history"][-1]["val"]) >= {"image", "text", "audio", "image+text+audio"}
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "training_log.json"):
+        assert (out / name).is_file(), name
+    pipe = FusionPipeline.from_pretrained(out, precision="fp32")
+    assert sorted(pipe.labels) == sorted(f"digit {d}" for d in range(10))
+    assert pipe(text="seven").label.startswith("digit ")
+
+
+def test_same_seed_same_weights(manifest, tmp_path):
+    args = ["--manifest", str(manifest), "--epochs", "1", "--examples-per-epoch", "64", *TINY]
+    train.main([*args, "--out", str(tmp_path / "a")])
+    train.main([*args, "--out", str(tmp_path / "b")])
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_digits_training_on_the_sample(tmp_path):
+    summary = train.main(["--data", str(SAMPLE), "--out", str(tmp_path / "digits"), "--epochs", "1",
+                          "--examples-per-epoch", "64", *TINY])
+    assert summary["heldout"]["n"]["image"] > 0 and "text" in summary["heldout"]
+
+
+def test_accelerate_launch_with_two_cpu_processes(manifest, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "fusion.train", "--manifest", str(manifest), "--out", str(tmp_path / "ddp"),
+               "--epochs", "1", "--examples-per-epoch", "128", *TINY]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+def test_evaluate_json_has_every_subset_and_counts(tiny_checkpoint, capsys):
+    assert evaluate_cli.main(["--model", str(tiny_checkpoint), "--data", str(SAMPLE), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    subsets = ["image", "audio", "text", "image+audio", "image+text", "audio+text", "image+audio+text"]
+    for key in subsets:
+        assert 0.0 <= result[key] <= 1.0, key
+        assert result["n"][key] >= 100, key
+    assert result["n"]["image"] == 200 and result["n"]["audio"] == 100
+    for garbage in ("noise image", "noise audio", "no-number text"):
+        assert f"image+audio+text|{garbage}" in result
+
+
+def test_evaluate_refuses_a_folder_without_data(tiny_checkpoint, tmp_path, capsys):
+    assert evaluate_cli.main(["--model", str(tiny_checkpoint), "--data", str(tmp_path)]) == 1
+    assert "no evaluation data" in capsys.readouterr().err
