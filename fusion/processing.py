@@ -132,13 +132,17 @@ def _describe(value: Any) -> str:
     return type(value).__name__ if not isinstance(value, (str, os.PathLike)) else repr(str(value))
 
 
-def _reason(error: Exception) -> str:
-    """A decoder's complaint without the memory address of the buffer it was reading."""
-    return re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>:?", "", str(error)).strip() or type(error).__name__
+def _reason(error: Exception, source: Any = None) -> str:
+    """A decoder's complaint without the memory address of its buffer or the server's folders."""
+    text = re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>:?", "", str(error))
+    if isinstance(source, (str, os.PathLike)):
+        text = text.replace(str(source), Path(source).name)
+    return text.strip() or type(error).__name__
 
 
-def _open_image(source: Any, settings: ImageSettings) -> Image.Image:
+def open_image(source: Any, settings: ImageSettings | None = None) -> Image.Image:
     """Decode a path, bytes, PIL image, array or Gradio sketch into a PIL image, refusing oversized ones."""
+    settings = settings or ImageSettings()
     if isinstance(source, dict):
         return _composite_sketch(source, settings)
     if isinstance(source, np.ndarray):
@@ -169,7 +173,7 @@ def _open_image(source: Any, settings: ImageSettings) -> Image.Image:
             raise FusionInputError(f"image refused as a decompression bomb: {error}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise FusionInputError(
-                f"could not decode the image ({_reason(error)}); accepted: PNG, JPEG, GIF, BMP, WebP, TIFF"
+                f"could not decode the image ({_reason(error, source)}); accepted: PNG, JPEG, GIF, BMP, WebP, TIFF"
             ) from None
     else:
         raise FusionInputError(
@@ -211,7 +215,7 @@ def _composite_sketch(sketch: dict, settings: ImageSettings) -> Image.Image:
         parts = [sketch["composite"]]
     if not parts:
         raise FusionInputError("the sketch is empty: draw a digit or upload an image")
-    images = [_open_image(p, settings).convert("RGBA") for p in parts]
+    images = [open_image(p, settings).convert("RGBA") for p in parts]
     canvas = Image.new("RGBA", images[0].size, (255, 255, 255, 255))
     for layer in images:
         if layer.size != canvas.size:
@@ -247,7 +251,7 @@ class ImageGeometry:
 
 def prepare_image(source: Any, settings: ImageSettings) -> tuple[np.ndarray, ImageGeometry]:
     """Grey, light-on-dark, cropped to the ink and centred by mass: a (size, size) float array in [0, 1]."""
-    image = _open_image(source, settings)
+    image = open_image(source, settings)
     grey = _to_grey(image)
     height, width = grey.shape
     # Border brightness tells paper from blackboard; drawings and photos of paper are dark-on-light.
@@ -316,7 +320,7 @@ def load_waveform(source: Any, settings: AudioSettings) -> tuple[np.ndarray, int
         except FusionInputError:
             raise
         except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
-            raise FusionInputError(f"could not decode the audio ({_reason(error)}); accepted: WAV, FLAC, OGG, MP3") from None
+            raise FusionInputError(f"could not decode the audio ({_reason(error, source)}); accepted: WAV, FLAC, OGG, MP3") from None
     else:
         raise FusionInputError(
             f"audio must be a file path, bytes or (sampling_rate, samples), got {_describe(source)}"

@@ -1,0 +1,251 @@
+"""The fusion web demo: draw or upload a digit, type a phrase, speak or upload a clip; see the answer and why.
+
+    python app.py [--model DIR] [--precision auto|int8|fp16|bf16|fp32] [--device cpu|cuda] [--port N]
+                  [--share --auth USER:PASSWORD | --share --no-auth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from fusion import FusionInputError, FusionPipeline
+from fusion.explain import METHODS
+from fusion.processing import open_image
+from fusion.render import attention_image, export_zip, image_overlay, select_attention, spectrogram_image
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "assets" / "fusion-digits"
+EXAMPLES = ROOT / "assets" / "examples"
+MAX_FILE_SIZE = "10mb"
+QUEUE_SIZE = 64
+AVERAGE = "average"
+log = logging.getLogger("fusion.app")
+
+I18N = gr.I18n(
+    en={
+        "intro": "Give any mix of a handwritten digit, a phrase and a spoken digit. The model answers which digit "
+                 "you mean and shows why: relevance over the image, the spectrogram and the words, each "
+                 "modality's share, and what each modality alone would say.",
+        "image": "Image: draw or upload", "text": "Text", "audio": "Audio: record or upload",
+        "predict": "Predict", "prediction": "Prediction", "method": "Explanation method",
+        "opacity": "Heatmap opacity", "layer": "Fusion layer", "head": "Attention head",
+        "image_relevance": "Image relevance", "audio_relevance": "Spectrogram relevance (time in seconds)",
+        "text_relevance": "Word relevance", "contributions": "Each modality", "subsets": "Every subset of modalities",
+        "attention": "Attention between modalities", "download": "Download the explanation (JSON and PNGs)",
+        "examples": "Examples", "placeholder": "seven, 七, sieben, 3 plus 4, VII …",
+    },
+    zh={
+        "intro": "输入手写数字、短语和语音数字中的任意组合。模型回答你指的是哪个数字，并说明原因：图像、频谱图和文字上的相关性，"
+                 "每种模态的贡献，以及每种模态单独会给出的答案。",
+        "image": "图像：手绘或上传", "text": "文本", "audio": "音频：录音或上传",
+        "predict": "预测", "prediction": "预测结果", "method": "解释方法",
+        "opacity": "热图不透明度", "layer": "融合层", "head": "注意力头",
+        "image_relevance": "图像相关性", "audio_relevance": "频谱图相关性（时间：秒）",
+        "text_relevance": "词语相关性", "contributions": "各模态贡献", "subsets": "模态的每种子集",
+        "attention": "模态之间的注意力", "download": "下载解释（JSON 和 PNG）",
+        "examples": "示例", "placeholder": "seven、七、sieben、3 plus 4、VII …",
+    },
+)
+
+from gradio.events import Dependency
+
+class ImageInput(gr.Sketchpad):
+    """A sketchpad whose unreadable uploads get the library's specific message, not a preprocessing trace."""
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as error:
+            background = getattr(payload, "background", None)
+            path = getattr(background, "path", None)
+            try:
+                if path:
+                    open_image(path)
+            except FusionInputError as specific:
+                raise gr.Error(str(specific)) from None
+            raise gr.Error(f"could not read the image ({type(error).__name__}); accepted: PNG, JPEG, GIF, BMP, WebP, TIFF") from None
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def _has_drawing(value) -> bool:
+    """An untouched sketchpad sends a dict with no layers and no background."""
+    if isinstance(value, dict):
+        return value.get("background") is not None or bool(value.get("layers"))
+    return value is not None
+
+
+def _choice_index(choice: str | None) -> int | None:
+    """'layer 2' -> 1; 'average' -> None."""
+    if not choice or choice == AVERAGE:
+        return None
+    return int(choice.split()[-1]) - 1
+
+
+def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", alpha=0.5, layer=AVERAGE, head=AVERAGE):
+    """The main event: one explained prediction, as every output component wants it."""
+    image = image if _has_drawing(image) else None
+    text = text if isinstance(text, str) and text.strip() else None
+    if image is None and text is None and audio is None:
+        raise gr.Error("Nothing to answer: draw or upload an image, type a text, or record or upload audio.")
+    if method not in METHODS:
+        raise gr.Error(f"Unknown explanation method {method!r}; choose one of {', '.join(METHODS)}.")
+    try:
+        prediction = pipeline(image=image, text=text, audio=audio, explain=True, method=method)
+    except FusionInputError as error:
+        raise gr.Error(str(error)) from None
+    except Exception:  # keep serving; the log has the details
+        log.exception("prediction failed")
+        raise gr.Error("The model failed on this input; the error was logged. Try another input.") from None
+    state = {"prediction": prediction, "image": image}
+    pictures = render(state, alpha, layer, head)
+    explanation = prediction.explanation
+    rows = [[m, round(explanation.modality_shares.get(m, 0.0), 3), round(explanation.shapley.get(m, 0.0), 3),
+             f"{explanation.counterfactuals[m][0]} ({explanation.counterfactuals[m][1]:.0%})"]
+            for m in prediction.modalities]
+    subsets = [[key, label, round(confidence, 3)] for key, (label, confidence) in explanation.counterfactuals.items()]
+    download = export_zip(prediction, Path(tempfile.mkdtemp(prefix="fusion-")) / "explanation.zip", image=image)
+    return (
+        {label: p for label, p in prediction.top(len(prediction.probs))},
+        *pictures[:2],
+        explanation.text_heatmap,
+        rows,
+        subsets,
+        notice(prediction),
+        pictures[2],
+        str(download),
+        state,
+    )
+
+
+def render(state: dict | None, alpha: float, layer: str, head: str):
+    """The pictures that depend on the viewer's choices: image overlay, spectrogram, attention matrix."""
+    if not state:
+        return None, None, None
+    prediction, explanation = state["prediction"], state["prediction"].explanation
+    image = image_overlay(state["image"], explanation, alpha=alpha) if explanation.image_heatmap is not None else None
+    audio = spectrogram_image(explanation, alpha=alpha) if explanation.audio_heatmap is not None else None
+    matrix = select_attention(explanation, layer=_choice_index(layer), head=_choice_index(head))
+    return image, audio, attention_image(matrix, prediction.modalities)
+
+
+def notice(prediction) -> str:
+    """One line on agreement, method and anything adapted."""
+    explanation = prediction.explanation
+    used = " + ".join(prediction.modalities)
+    lines = [f"**{prediction.label}** ({prediction.confidence:.0%}) from {used}, explained by {explanation.method}."]
+    agreement = explanation.agreement
+    if not agreement["agree"]:
+        said = ", ".join(f"{m} says {label}" for m, label in agreement["labels"].items())
+        lines.append(f"⚠️ The modalities disagree: {said}. "
+                     f"Disagreeing with the combined answer: {', '.join(agreement['disagreeing']) or 'none'}.")
+    lines += [f"ℹ️ {note}" for note in explanation.notes]
+    return "\n\n".join(lines)
+
+
+def example_rows() -> list[list]:
+    """[image, text, audio] rows from assets/examples/examples.tsv (paths relative to that folder)."""
+    table = EXAMPLES / "examples.tsv"
+    if not table.is_file():
+        return []
+    rows = []
+    for line in table.read_text(encoding="utf-8").splitlines()[1:]:
+        image, text, audio = (line.split("\t") + ["", "", ""])[:3]
+        rows.append([str(EXAMPLES / image) if image else None, text or None, str(EXAMPLES / audio) if audio else None])
+    return rows
+
+
+def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
+    layers = [AVERAGE] + [f"layer {i + 1}" for i in range(pipeline.model.config.num_hidden_layers)]
+    heads = [AVERAGE] + [f"head {i + 1}" for i in range(pipeline.model.config.num_attention_heads)]
+    with gr.Blocks(title="fusion", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown("# fusion")
+        gr.Markdown(I18N("intro"))
+        gr.Markdown(f"`{pipeline.description}`", elem_id="model-line")
+        state = gr.State()
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = ImageInput(label=I18N("image"), type="numpy", image_mode="RGBA",
+                                     sources=["upload", "webcam", "clipboard"], canvas_size=(280, 280), elem_id="image-input")
+                text = gr.Textbox(label=I18N("text"), placeholder=I18N("placeholder"), elem_id="text-input")
+                audio = gr.Audio(label=I18N("audio"), sources=["microphone", "upload"], type="filepath", elem_id="audio-input")
+                method = gr.Radio(list(METHODS), value="relevance", label=I18N("method"))
+                submit = gr.Button(I18N("predict"), variant="primary", elem_id="predict")
+            with gr.Column(scale=2):
+                label = gr.Label(label=I18N("prediction"), num_top_classes=5, elem_id="prediction")
+                summary = gr.Markdown(elem_id="notice")
+                alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label=I18N("opacity"))
+                with gr.Row():
+                    image_out = gr.Image(label=I18N("image_relevance"), type="numpy", elem_id="image-heatmap")
+                    audio_out = gr.Image(label=I18N("audio_relevance"), type="numpy", elem_id="audio-heatmap")
+                words = gr.HighlightedText(label=I18N("text_relevance"), elem_id="text-heatmap")
+                shares = gr.Dataframe(headers=["modality", "share", "Shapley", "alone"], label=I18N("contributions"))
+                subsets = gr.Dataframe(headers=["subset", "label", "confidence"], label=I18N("subsets"))
+                with gr.Row():
+                    layer = gr.Dropdown(layers, value=AVERAGE, label=I18N("layer"))
+                    head = gr.Dropdown(heads, value=AVERAGE, label=I18N("head"))
+                attention = gr.Image(label=I18N("attention"), type="numpy", elem_id="attention")
+                download = gr.File(label=I18N("download"), elem_id="download")
+        rows = example_rows()
+        if rows:
+            gr.Examples(rows, [image, text, audio], label=I18N("examples"))
+
+        outputs = [label, image_out, audio_out, words, shares, subsets, summary, attention, download, state]
+        submit.click(lambda *a: predict(pipeline, *a), [image, text, audio, method, alpha, layer, head], outputs,
+                     api_name="predict", show_progress="full")
+        for control in (alpha, layer, head):
+            control.change(render, [state, alpha, layer, head], [image_out, audio_out, attention], api_name=False,
+                           show_progress="hidden")
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="fusion web demo")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder")
+    parser.add_argument("--precision", default="auto", choices=("auto", "int8", "fp16", "bf16", "fp32"))
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--share", action="store_true", help="create a public link (needs --auth or --no-auth)")
+    parser.add_argument("--auth", default=os.environ.get("FUSION_AUTH"), help="USER:PASSWORD, or set FUSION_AUTH")
+    parser.add_argument("--no-auth", action="store_true", help="open a shared link to anyone, on purpose")
+    args = parser.parse_args(argv)
+    if args.share and not args.auth and not args.no_auth:
+        parser.error("--share makes the demo public: give --auth USER:PASSWORD (or FUSION_AUTH), or --no-auth on purpose")
+    if args.auth and ":" not in args.auth:
+        parser.error("--auth must look like USER:PASSWORD")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    log.info("loading %s …", args.model)
+    pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
+    log.info("ready: %s", pipeline.description)
+    demo = build_demo(pipeline)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
+        server_port=args.port,
+        share=args.share,
+        auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+        max_file_size=MAX_FILE_SIZE,
+        show_error=True,
+        i18n=I18N,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Pictures and files of an explanation, drawn with numpy and PIL (no figure library in the hot path)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .explain import GROUPS, Explanation, colorize, normalise, overlay
+from .processing import open_image
+
+AXIS_HEIGHT = 22
+MATRIX_CELL = 64
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def image_overlay(image: Any, explanation: Explanation, *, alpha: float = 0.5) -> np.ndarray:
+    """The image as given (after EXIF rotation) with its relevance on top; (H, W, 3) uint8."""
+    base = open_image(image).convert("RGBA")
+    white = Image.new("RGBA", base.size, (255, 255, 255, 255))
+    base = np.asarray(Image.alpha_composite(white, base).convert("RGB"))
+    return overlay(base, explanation.image_heatmap, alpha=alpha)
+
+
+def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, scale: int = 4) -> np.ndarray:
+    """The log-mel spectrogram in grey (low frequencies at the bottom) with relevance in colour and a time
+    axis in seconds underneath; (mel·scale + axis, frames·scale, 3) uint8."""
+    spectrogram = normalise(explanation.audio_spectrogram - explanation.audio_spectrogram.min())
+    grey = np.repeat((spectrogram[::-1] * 255).astype(np.uint8)[..., None], 3, axis=2)
+    picture = overlay(grey, explanation.audio_heatmap[::-1], alpha=alpha)
+    height, width = picture.shape[0] * scale, picture.shape[1] * scale
+    picture = Image.fromarray(picture).resize((width, height), Image.NEAREST)
+    canvas = Image.new("RGB", (width, height + AXIS_HEIGHT), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    times = explanation.audio_times
+    step = _tick_step(times[-1] - times[0])
+    first = np.ceil(times[0] / step) * step
+    for tick in np.arange(first, times[-1] + 1e-9, step):
+        x = int(round((tick - times[0]) / (times[1] - times[0]) * scale)) if len(times) > 1 else 0
+        draw.line([(x, height), (x, height + 5)], fill="black")
+        draw.text((min(x + 2, width - 30), height + 6), f"{tick:.1f} s", fill="black", font=_font())
+    return np.asarray(canvas)
+
+
+def _tick_step(span: float) -> float:
+    for step in (0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0):
+        if span / step <= 8:
+            return step
+    return 10.0
+
+
+def attention_image(matrix: np.ndarray, present: list[str]) -> np.ndarray:
+    """A groups × groups grid (rows attend to columns) of attention mass with its numbers; (H, W, 3) uint8."""
+    names = [g for g in GROUPS if g == "summary" or g in present]
+    index = [GROUPS.index(g) for g in names]
+    values = matrix[np.ix_(index, index)]
+    margin = 70
+    size = margin + MATRIX_CELL * len(names)
+    canvas = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(canvas)
+    colours = colorize(np.clip(values, 0, 1))
+    for r, row_name in enumerate(names):
+        draw.text((4, margin + r * MATRIX_CELL + MATRIX_CELL // 2 - 5), row_name, fill="black", font=_font())
+        draw.text((margin + r * MATRIX_CELL + 4, margin - 16), row_name, fill="black", font=_font())
+        for c in range(len(names)):
+            x0, y0 = margin + c * MATRIX_CELL, margin + r * MATRIX_CELL
+            draw.rectangle([x0, y0, x0 + MATRIX_CELL - 2, y0 + MATRIX_CELL - 2], fill=tuple(int(v) for v in colours[r, c]))
+            ink = "black" if values[r, c] > 0.55 else "white"
+            draw.text((x0 + 16, y0 + MATRIX_CELL // 2 - 5), f"{values[r, c]:.2f}", fill=ink, font=_font())
+    draw.text((4, 4), "rows attend to columns", fill="black", font=_font())
+    return np.asarray(canvas)
+
+
+def select_attention(explanation: Explanation, *, layer: int | None, head: int | None) -> np.ndarray:
+    """The groups × groups matrix of one layer and head, or averaged over what is None."""
+    matrix = explanation.attention_matrix
+    matrix = matrix if layer is None else matrix[layer : layer + 1]
+    matrix = matrix if head is None else matrix[:, head : head + 1]
+    return matrix.mean(axis=(0, 1))
+
+
+def explanation_record(prediction: Any) -> dict:
+    """Everything about a prediction and its explanation as JSON-ready data."""
+    e = prediction.explanation
+    record = {
+        "label": prediction.label,
+        "probs": prediction.probs,
+        "modalities": prediction.modalities,
+        "method": e.method,
+        "target": e.target,
+        "notes": e.notes,
+        "modality_shares": e.modality_shares,
+        "shapley": e.shapley,
+        "counterfactuals": {k: {"label": v[0], "confidence": v[1]} for k, v in e.counterfactuals.items()},
+        "agreement": e.agreement,
+        "spans": e.spans,
+        "attention_groups": list(GROUPS),
+        "attention_matrix": e.attention_matrix.round(5).tolist(),
+        "attention_matrix_mean": e.attention_matrix_mean.round(5).tolist(),
+        "text_heatmap": e.text_heatmap,
+        "audio_times": None if e.audio_times is None else np.round(e.audio_times, 4).tolist(),
+        "timings": prediction.timings,
+    }
+    return record
+
+
+def export_zip(prediction: Any, path: str | Path, *, image: Any = None) -> Path:
+    """Write `explanation.json` plus PNGs of every heatmap (and the overlays) into one zip file."""
+    path = Path(path)
+    e = prediction.explanation
+    pictures = {}
+    if e.image_heatmap is not None:
+        pictures["image_heatmap.png"] = colorize(e.image_heatmap)
+        if image is not None:
+            pictures["image_overlay.png"] = image_overlay(image, e)
+    if e.audio_heatmap is not None:
+        pictures["audio_heatmap.png"] = colorize(e.audio_heatmap[::-1])
+        pictures["audio_overlay.png"] = spectrogram_image(e)
+    pictures["attention_matrix.png"] = attention_image(e.attention_matrix_mean, prediction.modalities)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("explanation.json", json.dumps(explanation_record(prediction), indent=1, ensure_ascii=False))
+        for name, array in pictures.items():
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            archive.writestr(name, buffer.getvalue())
+    return path

@@ -1,0 +1,171 @@
+"""The Gradio app: callbacks called with what each component passes, and the running app via gradio_client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+import app
+from fusion import FusionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return FusionPipeline.from_pretrained(tiny_checkpoint, precision="fp32")
+
+
+@pytest.fixture()
+def sketch():
+    """What gr.Sketchpad(type="numpy", image_mode="RGBA") passes: a white background and a drawn layer."""
+    layer = np.zeros((280, 280, 4), dtype=np.uint8)
+    layer[60:220, 130:150, 3] = 255  # a black vertical stroke
+    return {"background": np.full((280, 280, 4), 255, dtype=np.uint8), "layers": [layer], "composite": None}
+
+
+def test_predict_with_a_sketch_text_and_a_numpy_recording(pipe, sketch, tone):
+    out = app.predict(pipe, sketch, "the number is one", tone, "relevance", 0.5, "average", "average")
+    labels, image, spectrogram, words, shares, subsets, notice, attention, download, state = out
+    assert set(labels) == {str(d) for d in range(10)} and abs(sum(labels.values()) - 1) < 1e-5
+    assert image.shape == (280, 280, 3) and image.dtype == np.uint8
+    assert spectrogram.shape == (32 * 4 + 22, 100 * 4, 3)
+    assert "".join(piece for piece, _ in words) == "the number is one"
+    assert [row[0] for row in shares] == ["image", "text", "audio"]
+    assert len(subsets) == 7
+    assert "from image + text + audio" in notice
+    assert attention.ndim == 3
+    with zipfile.ZipFile(download) as archive:
+        assert {"explanation.json", "image_heatmap.png", "image_overlay.png", "audio_overlay.png"} <= set(archive.namelist())
+    assert state["prediction"].label == max(labels, key=labels.get)
+
+
+def test_rerender_changes_with_opacity_and_layer(pipe, sketch):
+    *_, state = app.predict(pipe, sketch, None, None)
+    faint, _, average = app.render(state, 0.1, "average", "average")
+    strong, _, first = app.render(state, 0.9, "layer 1", "head 2")
+    assert faint.shape == strong.shape and not np.array_equal(faint, strong)
+    assert average.shape == first.shape
+    assert app.render(None, 0.5, "average", "average") == (None, None, None)
+
+
+def test_untouched_sketchpad_and_empty_text_are_an_empty_submission(pipe):
+    empty_sketch = {"background": None, "layers": [], "composite": None}
+    with pytest.raises(gr.Error, match="Nothing to answer"):
+        app.predict(pipe, empty_sketch, "   ", None)
+
+
+def test_corrupt_upload_shows_the_processor_message(pipe, tmp_path):
+    bad = tmp_path / "clip.wav"
+    bad.write_bytes(b"RIFF\x00\x00not really audio")
+    with pytest.raises(gr.Error, match=r"could not decode the audio \(.*clip.wav.*\); accepted: WAV"):
+        app.predict(pipe, None, None, str(bad))
+    long = tmp_path / "long.wav"
+    soundfile.write(long, np.zeros(8000 * 61, dtype=np.int16), 8000)
+    with pytest.raises(gr.Error, match="at most 60 s"):
+        app.predict(pipe, None, None, str(long))
+
+
+def test_disagreement_is_announced(pipe, sketch, monkeypatch):
+    *_, state = app.predict(pipe, sketch, "seven", None)
+    explanation = state["prediction"].explanation
+    monkeypatch.setitem(explanation.agreement, "agree", False)
+    monkeypatch.setitem(explanation.agreement, "labels", {"image": "1", "text": "7"})
+    monkeypatch.setitem(explanation.agreement, "disagreeing", ["image"])
+    assert "The modalities disagree: image says 1, text says 7" in app.notice(state["prediction"])
+
+
+def test_share_needs_auth_or_an_explicit_no_auth():
+    with pytest.raises(SystemExit):
+        app.parse_args(["--share"])
+    assert app.parse_args(["--share", "--auth", "ann:secret"]).auth == "ann:secret"
+    assert app.parse_args(["--share", "--no-auth"]).no_auth
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth", "no-colon"])
+
+
+def test_port_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PORT", "9123")
+    assert app.parse_args([]).port == 9123
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(checkpoint, *extra):
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    process = subprocess.Popen([sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port), *extra],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, f"http://127.0.0.1:{port}/"
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(process.stdout.read().decode())
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the app did not start within 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    process, url = _launch(tiny_checkpoint)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_running_app_answers_through_gradio_client(server, tmp_path, tone):
+    from gradio_client import Client, handle_file
+
+    image = np.full((120, 90), 255, dtype=np.uint8)
+    image[20:100, 40:52] = 0
+    Image.fromarray(image).save(tmp_path / "one.png")
+    soundfile.write(tmp_path / "tone.flac", tone[1], tone[0])
+    client = Client(server, verbose=False)
+    assert "/predict" in client.view_api(return_format="dict")["named_endpoints"]
+    result = client.predict({"background": handle_file(str(tmp_path / "one.png")), "layers": [], "composite": None},
+                            "eins", handle_file(str(tmp_path / "tone.flac")), "relevance", 0.5, "average", "average",
+                            api_name="/predict")
+    labels, image_path, spectrogram_path, words = result[:4]
+    assert labels["label"] in {str(d) for d in range(10)}
+    assert Image.open(image_path).size == (90, 120)
+    assert Image.open(spectrogram_path).size[0] == 400
+    assert [w["token"] for w in words] == ["eins"]
+    with pytest.raises(Exception, match="Nothing to answer"):
+        client.predict(None, "", None, "relevance", 0.5, "average", "average", api_name="/predict")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(Exception, match="could not decode the image"):
+        client.predict({"background": handle_file(str(tmp_path / "broken.png")), "layers": [], "composite": None},
+                       "", None, "relevance", 0.5, "average", "average", api_name="/predict")
+    # and it keeps serving
+    assert client.predict(None, "zwei", None, "rollout", 0.5, "average", "average", api_name="/predict")[0]["label"]
+
+
+def test_auth_is_required_when_set(tiny_checkpoint):
+    from gradio_client import Client
+
+    process, url = _launch(tiny_checkpoint, "--auth", "ann:secret")
+    try:
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        client = Client(url, auth=("ann", "secret"), verbose=False)
+        assert client.predict(None, "drei", None, "attention", 0.5, "average", "average", api_name="/predict")[0]["label"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
