@@ -116,6 +116,32 @@ def evaluate(pipeline: FusionPipeline, folder: str | Path, *, garbage: bool = Tr
     return results
 
 
+def faithfulness(pipeline: FusionPipeline, folder: str | Path, *, count: int = 100) -> dict:
+    """The deletion, attribution and cost checks of `fusion.explain` on up to `count` items per modality."""
+    from .explain import attribution_test, audio_deletion, explain_cost, image_deletion
+
+    mnist = load_mnist(folder)
+    clips = list_fsdd(folder)
+    if mnist is None or not clips:
+        raise ValueError(f"{folder} needs mnist/ and fsdd/ for the faithfulness checks")
+    label_index = {label: i for i, label in enumerate(pipeline.labels)}
+    # Spread the picks over the digits: the k-th of each digit in turn.
+    images = [(image, int(digit)) for image, digit in zip(*mnist)][:count]
+    picked_clips = sorted(clips, key=lambda c: (c.path.name.split("_")[-1], c.label))[:count]
+    image_labels = [label_index[str(d)] for _, d in images]
+    clip_labels = [label_index[str(c.label)] for c in picked_clips]
+    clip_paths = [str(c.path) for c in picked_clips]
+    texts = {digit: text for text, digit in (load_phrases(folder) or [])}
+    items = [{"image": image, "audio": path, "text": texts.get(c.label, str(c.label))}
+             for (image, _), path, c in zip(images[:20], clip_paths[:20], picked_clips[:20])]
+    return {
+        "image_deletion": image_deletion(pipeline, [i for i, _ in images], image_labels),
+        "audio_deletion": audio_deletion(pipeline, clip_paths, clip_labels),
+        "attribution": attribution_test(pipeline, [i for i, _ in images], clip_paths),
+        "cost": explain_cost(pipeline, items),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder")
@@ -124,11 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-garbage", action="store_true", help="skip the garbage-modality checks")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--faithfulness", action="store_true",
+                        help="run the explanation checks (deletion, attribution, cost) instead of accuracy")
+    parser.add_argument("--count", type=int, default=100, help="items per modality for --faithfulness")
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
         parser.error(f"--data {args.data!r} is not a folder")
     torch.manual_seed(0)
     pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
+    if args.faithfulness:
+        results = faithfulness(pipeline, args.data, count=args.count)
+        print(json.dumps(results) if args.json else json.dumps(results, indent=1))
+        return 0
     results = evaluate(pipeline, args.data, garbage=not args.no_garbage)
     if not any(k in results for k in SUBSET_KEYS):
         print(f"no evaluation data found under {args.data}", file=sys.stderr)

@@ -151,6 +151,8 @@ class FusionOutput(ModelOutput):
         token_mask (`torch.BoolTensor` of shape `(B, N)`): which fused tokens are real for each item.
         modality_mask (`dict[str, torch.BoolTensor]`): per modality, which items of the batch carried it.
         summary (`torch.FloatTensor` of shape `(B, F)`): the final summary token the head reads.
+        encoded (`torch.FloatTensor` of shape `(B, N, F)`): the fused sequence before the fusion layers (summary
+            token and every modality's projected tokens), for `FusionModel.fuse`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -161,6 +163,7 @@ class FusionOutput(ModelOutput):
     token_mask: torch.BoolTensor | None = None
     modality_mask: dict[str, torch.BoolTensor] | None = None
     summary: torch.FloatTensor | None = None
+    encoded: torch.FloatTensor | None = None
 
 
 class FusionPreTrainedModel(PreTrainedModel):
@@ -305,13 +308,7 @@ class FusionModel(FusionPreTrainedModel):
             empty = (~token_mask[:, 1:].any(dim=1)).nonzero(as_tuple=True)[0].tolist()
             raise ValueError(f"items {empty} of the batch carry no modality; each item needs at least one")
 
-        fusion_attentions = []
-        for layer in self.layers:
-            hidden, weights = layer(hidden, key_mask=token_mask, output_attentions=output_attentions)
-            if output_attentions:
-                fusion_attentions.append(weights)
-        summary_state = self.final_norm(hidden[:, 0])  # (B, F)
-        logits = self.classifier(summary_state.to(self.classifier.weight.dtype))
+        logits, summary_state, fusion_attentions = self.fuse(hidden, token_mask, output_attentions=output_attentions)
         loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None
         return FusionOutput(
             loss=loss,
@@ -322,4 +319,22 @@ class FusionModel(FusionPreTrainedModel):
             token_mask=token_mask,
             modality_mask=item_masks,
             summary=summary_state,
+            encoded=hidden,
         )
+
+    def fuse(
+        self, encoded: torch.Tensor, token_mask: torch.Tensor, *, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The fusion layers and head over already encoded tokens (B, N, F) with their mask (B, N).
+
+        Masking a modality's tokens here gives exactly the answer without that modality, since the encoders
+        never see each other: explanations use this to score every subset of modalities cheaply.
+        Returns logits (B, K), the final summary state (B, F) and the fusion attentions (when asked).
+        """
+        hidden, attentions = encoded, []
+        for layer in self.layers:
+            hidden, weights = layer(hidden, key_mask=token_mask, output_attentions=output_attentions)
+            if output_attentions:
+                attentions.append(weights)
+        summary_state = self.final_norm(hidden[:, 0])  # (B, F)
+        return self.classifier(summary_state.to(self.classifier.weight.dtype)), summary_state, attentions

@@ -168,27 +168,31 @@ class FusionPipeline:
         started = time.perf_counter()
         batch = self.processor(items)
         preprocessed = time.perf_counter()
-        logits = self.forward(batch).logits
-        probs = logits.float().softmax(dim=-1).cpu()
-        finished = time.perf_counter()
-        timings = {"preprocess": preprocessed - started, "forward": finished - preprocessed}
-        predictions = [self._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
-        if explain:
-            for index, prediction in enumerate(predictions):
-                prediction.explanation = self.explain(_item_batch(batch, index), method=method, target=target)
-                prediction.timings["explain"] = prediction.explanation.seconds
+        if not explain:
+            probs = self.forward(batch).logits.float().softmax(dim=-1).cpu()
+            timings = {"preprocess": preprocessed - started, "forward": time.perf_counter() - preprocessed}
+            predictions = [self._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
+        else:
+            # The explanation's own forward pass gives the probabilities: no separate plain pass.
+            predictions = []
+            for index, info in enumerate(batch["meta"]):
+                row, explanation = self.explain(_item_batch(batch, index), method=method, target=target)
+                timings = {"preprocess": preprocessed - started, "explain": explanation.seconds}
+                predictions.append(self._prediction(row, info, timings))
+                predictions[-1].explanation = explanation
         return predictions[0] if single else predictions
 
-    def explain(self, batch: dict[str, Any], *, method: str = "relevance", target: str | None = None) -> Explanation:
-        """Explain the one item of a processed batch (see `fusion.explain`)."""
+    def explain(self, batch: dict[str, Any], *, method: str = "relevance", target: str | None = None) -> tuple[torch.Tensor, Explanation]:
+        """Probabilities (K,) and explanation of the one item of a processed batch (see `fusion.explain`)."""
         if target is not None and target not in self.labels:
             raise FusionInputError(f"target {target!r} is not a label of this model; labels: {', '.join(self.labels)}")
         started = time.perf_counter()
-        _, explanation = explain_item(self, batch, method=method, target=target)
+        probs, explanation, output = explain_item(self, batch, method=method, target=target)
         index = self.labels.index(explanation.target)
-        explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(self, batch, index)
+        present = batch["meta"][0]["modalities"]
+        explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(self, output, present, index)
         explanation.seconds = time.perf_counter() - started
-        return explanation
+        return probs, explanation
 
     def forward(self, batch: dict[str, Any], *, output_attentions: bool = False):
         inputs = {k: v.to(self.device) for k, v in self.processor.model_inputs(batch).items()}

@@ -45,7 +45,13 @@ NO_NUMBER = [
 ]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 # Filler for training phrases, so the model learns to ignore words it has never seen.
-FILLER_CJK = "的了是我你他她们这那个在有和说吗呢吧好很大小上下中来去看想要会能对"
+# Words of the validation-only templates (this, that, my, digit, 这, 数字) are never filler.
+FILLER_WORDS = [
+    "hello", "please", "okay", "well", "so", "and", "a", "it", "was", "what", "maybe", "think", "now", "here",
+    "answer", "say", "said", "write", "wrote", "look", "see", "yes", "no", "just", "only", "also", "again",
+    "picture", "sound", "word", "guess", "sure", "exactly", "ja", "oui", "si", "bitte", "merci", "gracias",
+]
+FILLER_CJK = "的了是我你他她们那个在有和说吗呢吧好很大小上下中来去看想要会能对"
 FILLER_PUNCTUATION = [",", ".", "!", "?", ":", "...", "-"]
 
 
@@ -84,9 +90,9 @@ def _case(text: str, rng: random.Random) -> str:
     return rng.choice((str.lower, str.upper, str.title, str.capitalize))(text)
 
 
-def number_expression(digit: int, rng: random.Random, *, typo_rate: float = 0.15) -> tuple[str, str]:
+def number_expression(digit: int, rng: random.Random, *, typo_rate: float = 0.15, arithmetic_weight: float = 2) -> tuple[str, str]:
     """A bare way of writing `digit`, and the language of the sentence it can sit in ("en" or "zh")."""
-    kind = rng.choices(("numeral", "word", "roman", "arithmetic"), weights=(2, 6, 1, 2))[0]
+    kind = rng.choices(("numeral", "word", "roman", "arithmetic"), weights=(2, 6, 1, arithmetic_weight))[0]
     if kind == "roman" and digit == 0:
         kind = "word"
     if kind == "numeral":
@@ -125,7 +131,9 @@ def _arithmetic(digit: int, rng: random.Random) -> str:
 def filler(rng: random.Random) -> str:
     """A random non-number word: letters, CJK characters or punctuation."""
     kind = rng.random()
-    if kind < 0.6:
+    if kind < 0.35:
+        return _case(rng.choice(FILLER_WORDS), rng)
+    if kind < 0.65:
         word = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(2, 8)))
         return word if word not in NUMBER_WORDS else "xyz"
     if kind < 0.85:
@@ -133,10 +141,11 @@ def filler(rng: random.Random) -> str:
     return rng.choice(FILLER_PUNCTUATION)
 
 
-def phrase(digit: int, rng: random.Random, *, split: str = "train", filler_rate: float = 0.4) -> str:
+def phrase(digit: int, rng: random.Random, *, split: str = "train", filler_rate: float = 0.5) -> str:
     """A phrase meaning `digit`, from the templates of `split` ("train" or "val"); training phrases also get
     random filler words around the number, with probability `filler_rate`."""
-    expression, language = number_expression(digit, rng)
+    # Training sees more arithmetic than validation: it is the hardest kind of phrase to learn.
+    expression, language = number_expression(digit, rng, arithmetic_weight=4 if split == "train" else 2)
     template = rng.choice(TEMPLATES[split][language])
     text = template.format(expression)
     if language == "en" and template != "{}" and rng.random() < 0.3:

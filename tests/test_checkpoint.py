@@ -1,0 +1,72 @@
+"""The shipped checkpoint on the shipped sample (held-out images, the held-out speaker, unseen phrasings)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusion import FusionPipeline
+from fusion.data.sources import list_fsdd, load_mnist
+from fusion.evaluate import evaluate
+from fusion.explain import attribution_test, audio_deletion, image_deletion
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "assets" / "fusion-digits"
+SAMPLE = ROOT / "assets" / "examples" / "sample"
+# Floors on the 200/100/200-item sample; the model card gives the full held-out numbers.
+FLOORS = {"image": 0.95, "audio": 0.80, "text": 0.85, "image+audio": 0.96, "image+text": 0.98,
+          "audio+text": 0.92, "image+audio+text": 0.98}
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return FusionPipeline.from_pretrained(CHECKPOINT, precision="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def accuracy(fp32):
+    return evaluate(fp32, SAMPLE)
+
+
+def test_checkpoint_is_self_describing_and_small():
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md"):
+        assert (CHECKPOINT / name).is_file(), name
+    assert (CHECKPOINT / "model.safetensors").stat().st_size < 30 * 2**20
+    assert not list(CHECKPOINT.glob("*.bin")) and not list(CHECKPOINT.glob("*.pt"))  # no pickles
+
+
+@pytest.mark.parametrize("key", list(FLOORS))
+def test_accuracy_floor_on_the_sample(accuracy, key):
+    assert accuracy[key] >= FLOORS[key], (key, accuracy[key])
+
+
+def test_garbage_modality_leaves_the_other_two(accuracy):
+    for garbage in ("noise image", "noise audio", "no-number text"):
+        assert accuracy[f"image+audio+text|{garbage}"] >= 0.95, garbage
+
+
+def test_int8_stays_close_to_fp32(accuracy):
+    int8 = FusionPipeline.from_pretrained(CHECKPOINT, precision="int8", device="cpu")
+    quantized = evaluate(int8, SAMPLE, garbage=False)
+    for key in FLOORS:
+        assert abs(quantized[key] - accuracy[key]) <= 0.02, (key, quantized[key], accuracy[key])
+
+
+def test_examples_answer_as_labelled(fp32):
+    examples = ROOT / "assets" / "examples"
+    assert fp32(image=str(examples / "digit-7.png")).label == "7"
+    assert fp32(text="drei").label == "3"
+    assert fp32(audio=str(examples / "spoken-2.wav")).label == "2"
+    assert fp32(image=str(examples / "digit-7.png"), text="sieben", audio=str(examples / "spoken-7.wav")).label == "7"
+
+
+def test_heatmaps_are_faithful_on_the_sample(fp32):
+    images, labels = load_mnist(SAMPLE)
+    clips = list_fsdd(SAMPLE)[::5]
+    label_index = {label: i for i, label in enumerate(fp32.labels)}
+    deletion = image_deletion(fp32, list(images[:30]), [label_index[str(d)] for d in labels[:30]], steps=2)
+    assert deletion["ratio"] >= 3.0, deletion
+    audio = audio_deletion(fp32, [str(c.path) for c in clips], [label_index[str(c.label)] for c in clips], steps=2)
+    assert audio["ratio"] >= 2.0, audio
+    attribution = attribution_test(fp32, list(images[:20]), [str(c.path) for c in clips[:20]])
+    assert attribution["audio_over_noise_image"] >= 0.95 and attribution["image_over_noise_audio"] >= 0.95, attribution
