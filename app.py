@@ -30,48 +30,53 @@ log = logging.getLogger("fusion.app")
 
 I18N = gr.I18n(
     en={
-        "intro": "Give any mix of a handwritten digit, a phrase and a spoken digit. The model answers which digit "
+        "fusion_intro": "Give any mix of a handwritten digit, a phrase and a spoken digit. The model answers which digit "
                  "you mean and shows why: relevance over the image, the spectrogram and the words, each "
                  "modality's share, and what each modality alone would say.",
-        "image": "Image: draw or upload", "text": "Text", "audio": "Audio: record or upload",
-        "predict": "Predict", "prediction": "Prediction", "method": "Explanation method",
-        "opacity": "Heatmap opacity", "layer": "Fusion layer", "head": "Attention head",
-        "image_relevance": "Image relevance", "audio_relevance": "Spectrogram relevance (time in seconds)",
-        "text_relevance": "Word relevance", "contributions": "Each modality", "subsets": "Every subset of modalities",
-        "attention": "Attention between modalities", "download": "Download the explanation (JSON and PNGs)",
-        "examples": "Examples", "placeholder": "seven, 七, sieben, 3 plus 4, VII …",
+        "fusion_image": "Image: draw or upload", "fusion_text": "Text", "fusion_audio": "Audio: record or upload",
+        "fusion_predict": "Predict", "fusion_prediction": "Prediction", "fusion_method": "Explanation method",
+        "fusion_opacity": "Heatmap opacity", "fusion_layer": "Fusion layer", "fusion_head": "Attention head",
+        "fusion_image_relevance": "Image relevance", "fusion_audio_relevance": "Spectrogram relevance (time in seconds)",
+        "fusion_text_relevance": "Word relevance", "fusion_contributions": "Each modality", "fusion_subsets": "Every subset of modalities",
+        "fusion_attention": "Attention between modalities", "fusion_download": "Download the explanation (JSON and PNGs)",
+        "fusion_examples": "Examples", "fusion_placeholder": "seven, 七, sieben, 3 plus 4, VII …",
     },
     zh={
-        "intro": "输入手写数字、短语和语音数字中的任意组合。模型回答你指的是哪个数字，并说明原因：图像、频谱图和文字上的相关性，"
+        "fusion_intro": "输入手写数字、短语和语音数字中的任意组合。模型回答你指的是哪个数字，并说明原因：图像、频谱图和文字上的相关性，"
                  "每种模态的贡献，以及每种模态单独会给出的答案。",
-        "image": "图像：手绘或上传", "text": "文本", "audio": "音频：录音或上传",
-        "predict": "预测", "prediction": "预测结果", "method": "解释方法",
-        "opacity": "热图不透明度", "layer": "融合层", "head": "注意力头",
-        "image_relevance": "图像相关性", "audio_relevance": "频谱图相关性（时间：秒）",
-        "text_relevance": "词语相关性", "contributions": "各模态贡献", "subsets": "模态的每种子集",
-        "attention": "模态之间的注意力", "download": "下载解释（JSON 和 PNG）",
-        "examples": "示例", "placeholder": "seven、七、sieben、3 plus 4、VII …",
+        "fusion_image": "图像：手绘或上传", "fusion_text": "文本", "fusion_audio": "音频：录音或上传",
+        "fusion_predict": "预测", "fusion_prediction": "预测结果", "fusion_method": "解释方法",
+        "fusion_opacity": "热图不透明度", "fusion_layer": "融合层", "fusion_head": "注意力头",
+        "fusion_image_relevance": "图像相关性", "fusion_audio_relevance": "频谱图相关性（时间：秒）",
+        "fusion_text_relevance": "词语相关性", "fusion_contributions": "各模态贡献", "fusion_subsets": "模态的每种子集",
+        "fusion_attention": "模态之间的注意力", "fusion_download": "下载解释（JSON 和 PNG）",
+        "fusion_examples": "示例", "fusion_placeholder": "seven、七、sieben、3 plus 4、VII …",
     },
 )
 
 
-class ImageInput(gr.Sketchpad):
-    """A sketchpad whose unreadable uploads get the library's specific message, not a preprocessing trace."""
+def explain_unreadable_images(component: gr.Sketchpad) -> gr.Sketchpad:
+    """Give the sketchpad's unreadable uploads the library's specific message instead of a preprocessing trace.
 
-    def preprocess(self, payload):
+    Wrapping the instance's `preprocess` keeps the stock front end (a subclass would need its own)."""
+    stock = component.preprocess
+
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return stock(payload)
         except gr.Error:
             raise
         except Exception as error:
-            background = getattr(payload, "background", None)
-            path = getattr(background, "path", None)
+            path = getattr(getattr(payload, "background", None), "path", None)
             try:
                 if path:
                     open_image(path)
             except FusionInputError as specific:
                 raise gr.Error(str(specific)) from None
             raise gr.Error(f"could not read the image ({type(error).__name__}); accepted: PNG, JPEG, GIF, BMP, WebP, TIFF") from None
+
+    component.preprocess = preprocess
+    return component
 
 
 def _has_drawing(value) -> bool:
@@ -166,35 +171,37 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
     heads = [AVERAGE] + [f"head {i + 1}" for i in range(pipeline.model.config.num_attention_heads)]
     with gr.Blocks(title="fusion", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# fusion")
-        gr.Markdown(I18N("intro"))
+        gr.Markdown(I18N("fusion_intro"))
         gr.Markdown(f"`{pipeline.description}`", elem_id="model-line")
         state = gr.State()
         with gr.Row():
             with gr.Column(scale=1):
-                image = ImageInput(label=I18N("image"), type="numpy", image_mode="RGBA",
-                                     sources=["upload", "webcam", "clipboard"], canvas_size=(280, 280), elem_id="image-input")
-                text = gr.Textbox(label=I18N("text"), placeholder=I18N("placeholder"), elem_id="text-input")
-                audio = gr.Audio(label=I18N("audio"), sources=["microphone", "upload"], type="filepath", elem_id="audio-input")
-                method = gr.Radio(list(METHODS), value="relevance", label=I18N("method"))
-                submit = gr.Button(I18N("predict"), variant="primary", elem_id="predict")
+                image = explain_unreadable_images(gr.Sketchpad(
+                    label=I18N("fusion_image"), type="numpy", image_mode="RGBA", sources=["upload", "webcam", "clipboard"],
+                    canvas_size=(280, 280), elem_id="image-input"))
+                text = gr.Textbox(label=I18N("fusion_text"), placeholder=I18N("fusion_placeholder"), elem_id="text-input")
+                audio = gr.Audio(label=I18N("fusion_audio"), sources=["upload", "microphone"], type="filepath", elem_id="audio-input")
+                method = gr.Radio(list(METHODS), value="relevance", label=I18N("fusion_method"))
+                submit = gr.Button(I18N("fusion_predict"), variant="primary", elem_id="predict")
             with gr.Column(scale=2):
-                label = gr.Label(label=I18N("prediction"), num_top_classes=5, elem_id="prediction")
+                label = gr.Label(label=I18N("fusion_prediction"), num_top_classes=5, elem_id="prediction")
                 summary = gr.Markdown(elem_id="notice")
-                alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label=I18N("opacity"))
+                alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label=I18N("fusion_opacity"))
                 with gr.Row():
-                    image_out = gr.Image(label=I18N("image_relevance"), type="numpy", elem_id="image-heatmap")
-                    audio_out = gr.Image(label=I18N("audio_relevance"), type="numpy", elem_id="audio-heatmap")
-                words = gr.HighlightedText(label=I18N("text_relevance"), elem_id="text-heatmap")
-                shares = gr.Dataframe(headers=["modality", "share", "Shapley", "alone"], label=I18N("contributions"))
-                subsets = gr.Dataframe(headers=["subset", "label", "confidence"], label=I18N("subsets"))
+                    image_out = gr.Image(label=I18N("fusion_image_relevance"), type="numpy", elem_id="image-heatmap")
+                    audio_out = gr.Image(label=I18N("fusion_audio_relevance"), type="numpy", elem_id="audio-heatmap")
+                words = gr.HighlightedText(label=I18N("fusion_text_relevance"), elem_id="text-heatmap")
+                shares = gr.Dataframe(headers=["modality", "share", "Shapley", "alone"], label=I18N("fusion_contributions"))
+                subsets = gr.Dataframe(headers=["subset", "label", "confidence"], label=I18N("fusion_subsets"))
                 with gr.Row():
-                    layer = gr.Dropdown(layers, value=AVERAGE, label=I18N("layer"))
-                    head = gr.Dropdown(heads, value=AVERAGE, label=I18N("head"))
-                attention = gr.Image(label=I18N("attention"), type="numpy", elem_id="attention")
-                download = gr.File(label=I18N("download"), elem_id="download")
+                    layer = gr.Dropdown(layers, value=AVERAGE, label=I18N("fusion_layer"))
+                    head = gr.Dropdown(heads, value=AVERAGE, label=I18N("fusion_head"))
+                attention = gr.Image(label=I18N("fusion_attention"), type="numpy", elem_id="attention")
+                download = gr.File(label=I18N("fusion_download"), elem_id="download")
         rows = example_rows()
         if rows:
-            gr.Examples(rows, [image, text, audio], label=I18N("examples"))
+            examples = gr.Examples(rows, [image, text, audio], label=I18N("fusion_examples"))
+            examples.dataset.headers = ["image / 图像", "text / 文本", "audio / 音频"]  # headers are not translated
 
         outputs = [label, image_out, audio_out, words, shares, subsets, summary, attention, download, state]
         submit.click(lambda *a: predict(pipeline, *a), [image, text, audio, method, alpha, layer, head], outputs,

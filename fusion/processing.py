@@ -13,6 +13,7 @@ import math
 import re
 import os
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import soundfile
 import torch
 import torchaudio
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PROCESSOR_FILE = "processor_config.json"
@@ -98,17 +99,27 @@ class ProcessorSettings:
 
 
 def build_tokenizer(corpus, *, vocab_size: int = 1000, max_tokens: int = 32) -> PreTrainedTokenizerFast:
-    """Train a lower-cased WordPiece tokenizer on `corpus` (an iterable of strings).
+    """A lower-cased WordPiece tokenizer whose vocabulary is built deterministically from `corpus`.
 
-    Every character seen in the corpus is in the vocabulary, so misspelt words fall apart into known
-    pieces; CJK characters are split one per token.
+    The vocabulary holds every character seen (alone and as a `##` continuation), so misspelt or unseen words
+    fall apart into known pieces, and then the most frequent whole words (ties by spelling) up to
+    `vocab_size`. CJK characters are split one per token. (The `tokenizers` WordPiece trainer breaks ties in
+    a different order on every run, which would make training irreproducible.)
     """
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Sequence(
+    normalizer = normalizers.Sequence(
         [normalizers.NFKC(), normalizers.BertNormalizer(handle_chinese_chars=True, strip_accents=False, lowercase=True)]
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({char for word in counts for char in word})
+    vocabulary = SPECIAL_TOKENS + characters + [f"##{char}" for char in characters]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocabulary += words[: max(0, vocab_size - len(vocabulary))]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocabulary)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

@@ -18,6 +18,15 @@ AXIS_HEIGHT = 22
 MATRIX_CELL = 64
 
 
+def for_display(heatmap: np.ndarray) -> np.ndarray:
+    """Relevance is peaked (a few pixels carry most of it): scale to the 99th percentile of the non-zero
+    values and take the square root, so the eye sees where it lies, not only its single maximum."""
+    positive = heatmap[heatmap > 0]
+    if positive.size == 0:
+        return heatmap
+    return np.sqrt(np.clip(heatmap / max(float(np.percentile(positive, 99)), 1e-8), 0, 1))
+
+
 def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
@@ -27,7 +36,7 @@ def image_overlay(image: Any, explanation: Explanation, *, alpha: float = 0.5) -
     base = open_image(image).convert("RGBA")
     white = Image.new("RGBA", base.size, (255, 255, 255, 255))
     base = np.asarray(Image.alpha_composite(white, base).convert("RGB"))
-    return overlay(base, explanation.image_heatmap, alpha=alpha)
+    return overlay(base, for_display(explanation.image_heatmap), alpha=alpha)
 
 
 def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, scale: int = 4) -> np.ndarray:
@@ -35,7 +44,7 @@ def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, scale: in
     axis in seconds underneath; (mel·scale + axis, frames·scale, 3) uint8."""
     spectrogram = normalise(explanation.audio_spectrogram - explanation.audio_spectrogram.min())
     grey = np.repeat((spectrogram[::-1] * 255).astype(np.uint8)[..., None], 3, axis=2)
-    picture = overlay(grey, explanation.audio_heatmap[::-1], alpha=alpha)
+    picture = overlay(grey, for_display(explanation.audio_heatmap[::-1]), alpha=alpha)
     height, width = picture.shape[0] * scale, picture.shape[1] * scale
     picture = Image.fromarray(picture).resize((width, height), Image.NEAREST)
     canvas = Image.new("RGB", (width, height + AXIS_HEIGHT), "white")

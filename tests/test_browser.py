@@ -1,0 +1,92 @@
+"""Real-browser journeys: Debian's Chromium driven by Playwright against the running app."""
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_app import _launch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "assets" / "examples"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"),
+]
+
+
+@pytest.fixture(scope="module")
+def url():
+    process, address = _launch(ROOT / "assets" / "fusion-digits", "--precision", "fp32")
+    yield address
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                  "--no-first-run", "--disable-component-update", "--disable-sync"],
+        )
+        yield browser
+        browser.close()
+
+
+def test_upload_type_and_see_the_answer_and_heatmaps(url, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1800}, locale="en-US")
+    page.goto(url)
+    page.wait_for_selector("#image-input input[type=file]", state="attached")
+    page.wait_for_timeout(2000)  # the sketchpad's canvas starts after its input exists
+    page.locator("#image-input input[type=file]").first.set_input_files(str(EXAMPLES / "digit-7.png"))
+    page.locator("#image-input canvas").first.wait_for(timeout=30_000)
+    page.locator("#audio-input input[type=file]").first.set_input_files(str(EXAMPLES / "spoken-7.wav"))
+    page.locator("#text-input textarea").fill("sieben")
+    page.locator("#audio-input audio, #audio-input canvas, #audio-input wave").first.wait_for(state="attached", timeout=30_000)
+    page.wait_for_timeout(1500)  # let both uploads finish
+    started = time.perf_counter()
+    page.locator("#predict").click()
+    page.get_by_text("from image + text + audio, explained by relevance").wait_for(timeout=60_000)
+    for element in ("#image-heatmap img", "#audio-heatmap img", "#attention img"):
+        page.wait_for_selector(element, state="attached", timeout=60_000)
+    page.wait_for_function(
+        "() => ['#image-heatmap img', '#audio-heatmap img'].every(s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0; })",
+        timeout=60_000)
+    elapsed = time.perf_counter() - started
+    assert "7" in page.locator("#prediction").inner_text()
+    assert "from image + text + audio" in page.locator("#notice").inner_text()
+    assert "sieben" in page.locator("#text-heatmap").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+    (ARTIFACTS / "submit-to-heatmaps-seconds.txt").write_text(f"{elapsed:.2f}\n")
+    print(f"submit to rendered heatmaps: {elapsed:.2f} s")
+
+
+def test_corrupt_upload_shows_the_error_and_the_app_keeps_serving(url, browser, tmp_path):
+    page = browser.new_page(locale="en-US")
+    page.goto(url)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    page.locator("#audio-input input[type=file]").first.set_input_files(str(broken))
+    page.wait_for_timeout(1000)
+    page.locator("#predict").click()
+    page.get_by_text("could not decode the audio", exact=False).first.wait_for(timeout=30_000)
+    page.reload()
+    page.locator("#text-input textarea").fill("drei")
+    page.locator("#predict").click()
+    page.locator("#prediction").get_by_text("3").first.wait_for(timeout=30_000)
+
+
+def test_the_interface_speaks_chinese(url, browser):
+    page = browser.new_page(locale="zh-CN")
+    page.goto(url)
+    page.get_by_text("预测", exact=True).first.wait_for(timeout=30_000)
+    assert page.get_by_text("文本", exact=True).count() >= 1
