@@ -151,12 +151,15 @@ class FusionPipeline:
         explain: bool = False,
         method: str = "relevance",
         target: str | None = None,
+        layer: int | None = None,
+        head: int | None = None,
     ) -> Prediction | list[Prediction]:
         """Answer one item (keywords) or a list of item dicts as one batch.
 
         With `explain=True` each prediction also carries an `Explanation` (heatmaps, modality shares,
         counterfactual subsets, Shapley values, attention) by `method` (relevance, rollout, attention), for
-        the predicted class or `target`. Empty text (only whitespace) counts as no text. Raises
+        the predicted class or `target`; `layer` and `head` (0-based) pick the raw attention map of the
+        `attention` method, which otherwise averages them. Empty text (only whitespace) counts as no text. Raises
         `FusionInputError` for unusable input.
         """
         single = items is None
@@ -176,18 +179,24 @@ class FusionPipeline:
             # The explanation's own forward pass gives the probabilities: no separate plain pass.
             predictions = []
             for index, info in enumerate(batch["meta"]):
-                row, explanation = self.explain(_item_batch(batch, index), method=method, target=target)
+                row, explanation = self.explain(_item_batch(batch, index), method=method, target=target, layer=layer, head=head)
                 timings = {"preprocess": preprocessed - started, "explain": explanation.seconds}
                 predictions.append(self._prediction(row, info, timings))
                 predictions[-1].explanation = explanation
         return predictions[0] if single else predictions
 
-    def explain(self, batch: dict[str, Any], *, method: str = "relevance", target: str | None = None) -> tuple[torch.Tensor, Explanation]:
+    def explain(self, batch: dict[str, Any], *, method: str = "relevance", target: str | None = None,
+                layer: int | None = None, head: int | None = None) -> tuple[torch.Tensor, Explanation]:
         """Probabilities (K,) and explanation of the one item of a processed batch (see `fusion.explain`)."""
         if target is not None and target not in self.labels:
             raise FusionInputError(f"target {target!r} is not a label of this model; labels: {', '.join(self.labels)}")
         started = time.perf_counter()
-        probs, explanation, output = explain_item(self, batch, method=method, target=target)
+        config = self.model.config
+        if layer is not None and not 0 <= layer < config.num_hidden_layers:
+            raise FusionInputError(f"layer must be in 0..{config.num_hidden_layers - 1}, got {layer}")
+        if head is not None and not 0 <= head < config.num_attention_heads:
+            raise FusionInputError(f"head must be in 0..{config.num_attention_heads - 1}, got {head}")
+        probs, explanation, output = explain_item(self, batch, method=method, target=target, layer=layer, head=head)
         index = self.labels.index(explanation.target)
         present = batch["meta"][0]["modalities"]
         explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(self, output, present, index)

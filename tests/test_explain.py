@@ -144,3 +144,23 @@ def test_overlay_and_colour_maps():
         overlay(base, heat[:2])
     with pytest.raises(ValueError, match="viridis or cividis"):
         colorize(heat, cmap="jet")
+
+
+def test_raw_attention_of_one_layer_and_head(pipe, inputs):
+    averaged = pipe(**inputs, explain=True, method="attention").modality_shares
+    one = pipe(**inputs, explain=True, method="attention", layer=1, head=2).modality_shares
+    assert sum(one.values()) == pytest.approx(1.0)
+    assert one != pytest.approx(averaged)
+    with pytest.raises(ValueError, match=r"layer must be in 0..1, got 5"):
+        pipe(**inputs, explain=True, method="attention", layer=5)
+
+
+def test_relevance_falls_back_to_rollout_when_gradients_fail(pipe, inputs, monkeypatch):
+    def no_backward(*args, **kwargs):
+        raise RuntimeError("no backward for this kernel")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_backward)
+    pred = pipe(**inputs, explain=True)
+    assert pred.method == "rollout"
+    assert "fell back to rollout" in pred.notes[0] and "no backward for this kernel" in pred.notes[0]
+    assert pred.image_heatmap.shape == (60, 44)

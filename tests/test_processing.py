@@ -123,6 +123,7 @@ def test_every_audio_form_gives_the_same_features(processor, tone, tmp_path):
         "flac path": str(path),
         "wav bytes": wav_bytes(rate, samples),
         "ogg bytes": wav_bytes(rate, samples, subtype="VORBIS", format="OGG"),
+        "mp3 bytes": wav_bytes(rate, samples, subtype="MPEG_LAYER_III", format="MP3"),
         "int16": (rate, (samples * 32767).astype(np.int16)),
         "stereo": (rate, stereo),
         "channels first": (rate, stereo.T.copy()),
