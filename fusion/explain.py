@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -152,24 +151,18 @@ def normalise(values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------- mapping to inputs
 
 
-@lru_cache(maxsize=32)
-def _conv_grid(encoder_id: int, shape: tuple[int, ...]) -> tuple[int, int]:
-    encoder = _ENCODERS[encoder_id]
-    parameter = next(encoder.parameters())
-    with torch.no_grad():
-        features = encoder(torch.zeros((1, *shape), dtype=torch.float32, device=parameter.device)).last_hidden_state
-    return int(features.shape[-2]), int(features.shape[-1])
-
-
-_ENCODERS: dict[int, torch.nn.Module] = {}
-
-
 def token_grid(encoder: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(special tokens first, grid height, grid width) of a grid-shaped encoder's tokens."""
     config = encoder.config
     if getattr(config, "hidden_sizes", None):  # convolutional: ask the encoder once per input shape
-        _ENCODERS[id(encoder)] = encoder
-        return (0, *_conv_grid(id(encoder), tuple(input_shape)))
+        cache = encoder.__dict__.setdefault("_fusion_token_grids", {})
+        if tuple(input_shape) not in cache:
+            parameter = next(encoder.parameters())
+            with torch.no_grad():
+                probe = torch.zeros((1, *input_shape), dtype=parameter.dtype, device=parameter.device)
+                features = encoder(probe).last_hidden_state
+            cache[tuple(input_shape)] = (int(features.shape[-2]), int(features.shape[-1]))
+        return (0, *cache[tuple(input_shape)])
     if config.model_type == "audio-spectrogram-transformer":
         return (2, *encoder.embeddings.get_shape(config))
     side = config.image_size // config.patch_size

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fusion import FusionPipeline
@@ -70,3 +69,13 @@ def test_heatmaps_are_faithful_on_the_sample(fp32):
     assert audio["ratio"] >= 2.0, audio
     attribution = attribution_test(fp32, list(images[:20]), [str(c.path) for c in clips[:20]])
     assert attribution["audio_over_noise_image"] >= 0.95 and attribution["image_over_noise_audio"] >= 0.95, attribution
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8"])
+def test_every_precision_answers_and_explains(precision):
+    pipe = FusionPipeline.from_pretrained(CHECKPOINT, precision=precision, device="cpu")
+    examples = ROOT / "assets" / "examples"
+    pred = pipe(image=str(examples / "digit-7.png"), text="sieben", audio=str(examples / "spoken-7.wav"), explain=True)
+    assert pred.label == "7" and pred.method == "relevance"
+    assert sum(pred.modality_shares.values()) == pytest.approx(1.0)
+    assert pred.image_heatmap.shape == (280, 280)
