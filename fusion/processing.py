@@ -63,6 +63,8 @@ class AudioSettings:
     target_rms: float = 0.05  # loudness every clip is brought to before features
     silence_peak: float = 1e-4  # a clip whose peak is below this is refused as silent
     max_seconds: float = 60.0  # longer clips are refused
+    min_rate: int = 1000  # sampling rates accepted, in Hz
+    max_rate: int = 768_000
     top_db: float = 50.0  # log-mel values are floored this far below the clip's peak (hides room noise)
 
     @property
@@ -368,9 +370,18 @@ def prepare_waveform(samples: np.ndarray, rate: int, settings: AudioSettings) ->
     The start time (seconds into the given audio where the model's window begins; negative when padded)
     lets explanations put the spectrogram on the clip's own time axis.
     """
+    if not settings.min_rate <= rate <= settings.max_rate:
+        raise FusionInputError(
+            f"audio sampling rate {rate} Hz is outside {settings.min_rate:,}–{settings.max_rate:,} Hz"
+        )
     wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     if rate != settings.sampling_rate:
-        wave = torchaudio.functional.resample(wave, rate, settings.sampling_rate)
+        source = rate
+        if rate // math.gcd(rate, settings.sampling_rate) > 1000:
+            # A ratio like 399,999:8,000 makes torchaudio build a kernel of gigabytes; a rate rounded to
+            # 50 Hz keeps it small and shifts pitch by well under 1%.
+            source = max(50, round(rate / 50) * 50)
+        wave = torchaudio.functional.resample(wave, source, settings.sampling_rate)
     wave = wave.numpy()
     if np.abs(wave).max(initial=0.0) < settings.silence_peak:
         raise FusionInputError("audio is silent (no sample above 1e-4 of full scale); record again, closer to the microphone")

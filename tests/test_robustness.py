@@ -158,3 +158,18 @@ def test_any_array_image(pipe, height, width, seed, channels):
     shape = (height, width) if channels == 1 else (height, width, channels)
     array = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     answer_or_input_error(pipe, image=array)
+
+
+@pytest.mark.parametrize("rate", [399_999, 176_401, 96_001])
+def test_awkward_sampling_rates_resample_in_little_memory(pipe, rate):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    samples = np.interp(np.arange(rate) / rate, t, SPEECHLIKE).astype(np.float32)
+    assert not isinstance(answer_or_input_error(pipe, audio=(rate, samples)), str)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024  # KiB: under 500 MB more
+
+
+@pytest.mark.parametrize("rate, message", [(3, "3 Hz is outside 1,000–768,000 Hz"), (2_000_000, "outside")])
+def test_sampling_rates_out_of_range(pipe, rate, message):
+    assert message in answer_or_input_error(pipe, audio=(rate, np.ones(100, dtype=np.float32)))
