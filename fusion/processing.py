@@ -483,8 +483,7 @@ class FusionProcessor:
     def image_features(self, source: Any) -> tuple[torch.Tensor, ImageGeometry]:
         """(1, size, size) normalised pixels, and where they came from."""
         square, geometry = prepare_image(source, self.settings.image)
-        pixels = (torch.from_numpy(square).float() - self.settings.image.mean) / self.settings.image.std
-        return pixels[None], geometry
+        return self.normalize_image(square), geometry
 
     def audio_features(self, source: Any) -> tuple[torch.Tensor, float]:
         """(mel, frames) normalised log-mel, and the start of its window in the given clip (seconds)."""
@@ -517,7 +516,7 @@ class FusionProcessor:
         if not isinstance(items, (list, tuple)) or not items:
             raise FusionInputError("expected an item dict or a non-empty list of item dicts")
         meta: list[dict[str, Any]] = []
-        images, texts, audios = [], [], []
+        features: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 raise FusionInputError(f"item {index} must be a dict with image/text/audio keys, got {_describe(item)}")
@@ -528,51 +527,63 @@ class FusionProcessor:
             if not given:
                 raise FusionInputError("no input given: provide at least one of an image, a text or an audio clip")
             info: dict[str, Any] = {"modalities": [m for m in ("image", "text", "audio") if m in given]}
+            prepared: dict[str, Any] = {}
             if "image" in given:
-                pixels, info["image_geometry"] = self.image_features(given["image"])
-                images.append((index, pixels))
+                prepared["image"], info["image_geometry"] = self.image_features(given["image"])
             if "text" in given:
-                info["text"] = self.clean_text(given["text"])
-                texts.append((index, info["text"]))
+                prepared["text"] = info["text"] = self.clean_text(given["text"])
             if "audio" in given:
-                features, info["audio_start"] = self.audio_features(given["audio"])
-                audios.append((index, features))
+                prepared["audio"], info["audio_start"] = self.audio_features(given["audio"])
             meta.append(info)
-
-        batch: dict[str, Any] = {"meta": meta}
-        size = len(items)
-        if images:
-            batch["pixel_values"], batch["image_mask"] = _stack(images, size)
-        if audios:
-            batch["audio_values"], batch["audio_mask"] = _stack(audios, size)
-        if texts:
-            limit = self.settings.text.max_tokens
-            encoded = self.tokenizer(
-                [t for _, t in texts], padding=True, truncation=True, max_length=limit,
-                return_offsets_mapping=True, return_tensors="pt",
-            )
-            full = self.tokenizer([t for _, t in texts], truncation=False)["input_ids"]
-            ids = torch.full((size, encoded["input_ids"].shape[1]), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            rows = torch.tensor([i for i, _ in texts])
-            ids[rows], mask[rows] = encoded["input_ids"], encoded["attention_mask"]
-            batch["input_ids"], batch["attention_mask"] = ids, mask
-            batch["text_mask"] = torch.zeros(size, dtype=torch.bool)
-            batch["text_mask"][rows] = True
-            for row, (index, text) in enumerate(texts):
-                meta[index]["text_offsets"] = [tuple(o) for o in encoded["offset_mapping"][row].tolist()]
-                meta[index]["text_truncated"] = len(full[row]) > limit or len(items[index]["text"]) > len(text)
+            features.append(prepared)
+        batch, text_rows = self.stack(features)
+        for index, (offsets, truncated) in text_rows.items():
+            meta[index]["text_offsets"] = offsets
+            meta[index]["text_truncated"] = truncated or len(items[index]["text"]) > len(meta[index]["text"])
+        batch["meta"] = meta
         return batch
+
+    def stack(self, features: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[int, tuple[list, bool]]]:
+        """Batch already prepared items (`image` (1, size, size) and `audio` (mel, frames) tensors, `text`
+        strings): each modality's tensor has a row per item, zero and masked out where the item lacks it.
+
+        Returns the tensors and, per item with text, its token offsets and whether tokens were cut off.
+        """
+        size = len(features)
+        batch: dict[str, torch.Tensor] = {}
+        for modality, key in (("image", "pixel_values"), ("audio", "audio_values")):
+            rows = [i for i, f in enumerate(features) if modality in f]
+            if rows:
+                values = torch.zeros((size, *features[rows[0]][modality].shape))
+                mask = torch.zeros(size, dtype=torch.bool)
+                for i in rows:
+                    values[i], mask[i] = features[i][modality], True
+                batch[key], batch[f"{modality}_mask"] = values, mask
+        text_rows: dict[int, tuple[list, bool]] = {}
+        rows = [i for i, f in enumerate(features) if "text" in f]
+        if rows:
+            limit = self.settings.text.max_tokens
+            texts = [features[i]["text"] for i in rows]
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=limit,
+                                     return_offsets_mapping=True, return_tensors="pt")
+            ids = torch.full((size, encoded["input_ids"].shape[1]), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            ids[rows], attention[rows] = encoded["input_ids"], encoded["attention_mask"]
+            mask = torch.zeros(size, dtype=torch.bool)
+            mask[rows] = True
+            batch.update(input_ids=ids, attention_mask=attention, text_mask=mask)
+            for row, (index, text) in enumerate(zip(rows, texts)):
+                offsets = [tuple(o) for o in encoded["offset_mapping"][row].tolist()]
+                # Cut off when the last token kept ends before the text's last non-space character.
+                last_end = max((end for _, end in offsets), default=0)
+                text_rows[index] = (offsets, last_end < len(text.rstrip()))
+        return batch, text_rows
+
+    def normalize_image(self, square: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A prepared (size, size) square in [0, 1] as normalised (1, size, size) pixels."""
+        square = torch.as_tensor(square, dtype=torch.float32)
+        return ((square - self.settings.image.mean) / self.settings.image.std).reshape(1, *square.shape[-2:])
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The tensors of a processed batch, without `meta`, ready for `model(**inputs)`."""
         return {k: v for k, v in batch.items() if k != "meta"}
-
-
-def _stack(entries: list[tuple[int, torch.Tensor]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows for the items that carry a modality; the other rows are never encoded (masked by the model)."""
-    values = torch.zeros((size, *entries[0][1].shape))
-    mask = torch.zeros(size, dtype=torch.bool)
-    for index, tensor in entries:
-        values[index], mask[index] = tensor, True
-    return values, mask

@@ -148,7 +148,7 @@ def validation_pools(pools: Pools, pipeline: FusionPipeline) -> dict:
     processor = pipeline.processor
     out: dict = {}
     for label, images in pools.images.items():
-        out.setdefault("image", {})[label] = [(torch.from_numpy(i)[None] - processor.settings.image.mean) / processor.settings.image.std for i in images]
+        out.setdefault("image", {})[label] = [processor.normalize_image(i) for i in images]
     for label, waves in pools.waves.items():
         rate = processor.settings.audio.sampling_rate
         out.setdefault("audio", {})[label] = [processor.audio_features((rate, w))[0] for w in waves]

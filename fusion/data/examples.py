@@ -131,7 +131,7 @@ class ExampleMaker:
                     square = -F.max_pool2d(-square[None], 2, stride=1, padding=1)[0][:, 1:, 1:]  # thinner
             if augment and rng.random() < augment.image_occlusion:
                 square = self.erase(square)
-        return (square - settings.mean) / settings.std
+        return self.processor.normalize_image(square)
 
     def audio(self, label: int, rng: random.Random, garbage: bool) -> torch.Tensor:
         settings = self.processor.settings.audio
@@ -172,28 +172,7 @@ class ExampleMaker:
 
 
 def collate(examples: list[dict], processor: FusionProcessor) -> dict[str, torch.Tensor]:
-    """Stack examples into the tensors `FusionModel.forward` takes (absent modalities masked)."""
-    size = len(examples)
-    batch: dict[str, torch.Tensor] = {"labels": torch.tensor([e["label"] for e in examples])}
-    for modality, key in (("image", "pixel_values"), ("audio", "audio_values")):
-        rows = [i for i, e in enumerate(examples) if modality in e]
-        if rows:
-            shape = examples[rows[0]][modality].shape
-            values = torch.zeros((size, *shape))
-            mask = torch.zeros(size, dtype=torch.bool)
-            for i in rows:
-                values[i], mask[i] = examples[i][modality], True
-            batch[key], batch[f"{modality}_mask"] = values, mask
-    rows = [i for i, e in enumerate(examples) if "text" in e]
-    if rows:
-        encoded = processor.tokenizer(
-            [examples[i]["text"] for i in rows], padding=True, truncation=True,
-            max_length=processor.settings.text.max_tokens, return_tensors="pt",
-        )
-        ids = torch.full((size, encoded["input_ids"].shape[1]), processor.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        ids[rows], attention[rows] = encoded["input_ids"], encoded["attention_mask"]
-        mask = torch.zeros(size, dtype=torch.bool)
-        mask[rows] = True
-        batch.update(input_ids=ids, attention_mask=attention, text_mask=mask)
+    """Stack examples into the tensors `FusionModel.forward` takes (absent modalities masked), with labels."""
+    batch, _ = processor.stack(examples)
+    batch["labels"] = torch.tensor([e["label"] for e in examples])
     return batch
