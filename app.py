@@ -17,7 +17,7 @@ import gradio as gr
 from fusion import FusionInputError, FusionPipeline
 from fusion.explain import METHODS
 from fusion.processing import open_image
-from fusion.render import attention_image, export_zip, image_overlay, select_attention, spectrogram_image
+from fusion.render import attention_image, base_image, export_zip, image_overlay, select_attention, spectrogram_image
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "assets" / "fusion-digits"
@@ -107,14 +107,15 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
     except Exception:  # keep serving; the log has the details
         log.exception("prediction failed")
         raise gr.Error("The model failed on this input; the error was logged. Try another input.") from None
-    state = {"prediction": prediction, "image": image}
+    # Decoded once here; opacity and layer changes redraw from it.
+    state = {"prediction": prediction, "image": base_image(image) if image is not None else None}
     pictures = render(state, alpha, layer, head)
     explanation = prediction.explanation
     rows = [[m, round(explanation.modality_shares.get(m, 0.0), 3), round(explanation.shapley.get(m, 0.0), 3),
              f"{explanation.counterfactuals[m][0]} ({explanation.counterfactuals[m][1]:.0%})"]
             for m in prediction.modalities]
     subsets = [[key, label, round(confidence, 3)] for key, (label, confidence) in explanation.counterfactuals.items()]
-    download = export_zip(prediction, Path(tempfile.mkdtemp(prefix="fusion-")) / "explanation.zip", image=image)
+    download = export_zip(prediction, Path(tempfile.mkdtemp(prefix="fusion-")) / "explanation.zip", image=state["image"])
     return (
         {label: p for label, p in prediction.top(len(prediction.probs))},
         *pictures[:2],

@@ -28,7 +28,7 @@ import torch
 
 from .pipeline import FusionPipeline
 from .processing import load_waveform, open_image
-from .render import attention_image, image_overlay, spectrogram_image
+from .render import attention_image, base_image, image_overlay, spectrogram_image
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -57,7 +57,7 @@ def stage_latencies(pipeline: FusionPipeline, repeats: int) -> dict:
     prediction = pipeline(**ITEM, explain=True)
 
     def render():
-        image_overlay(ITEM["image"], prediction.explanation)
+        image_overlay(base_image(ITEM["image"]), prediction.explanation)
         spectrogram_image(prediction.explanation)
         attention_image(prediction.explanation.attention_matrix_mean, prediction.modalities)
 
@@ -95,7 +95,8 @@ def memory_growth(pipeline: FusionPipeline, requests: int) -> dict:
             "growth_mb": round((after - before) / 2**20, 1)}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -105,7 +106,7 @@ def through_the_app(model: str, *, requests: int, clients: int) -> dict:
     """Start `app.py`, time its cold start until it answers, then 1 client and `clients` concurrent clients."""
     from gradio_client import Client, handle_file
 
-    port = _free_port()
+    port = free_port()
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", model, "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)

@@ -217,15 +217,11 @@ class FusionPipeline:
         return Prediction(label=label, probs=probs, modalities=info["modalities"], meta=info, timings=dict(timings))
 
 
-def _drop_empty(item: Any) -> dict:
-    if not isinstance(item, dict):
-        raise FusionInputError(f"each item must be a dict with image/text/audio keys, got {type(item).__name__}")
-    cleaned = {k: v for k, v in item.items() if v is not None}
-    if isinstance(cleaned.get("text"), str) and not cleaned["text"].strip():
-        del cleaned["text"]
-    if not any(m in cleaned for m in MODALITIES) and not set(cleaned) - set(MODALITIES):
-        raise FusionInputError("no input given: provide at least one of an image, a text or an audio clip")
-    return cleaned
+def _drop_empty(item: Any) -> Any:
+    """Blank text means no text (a Gradio text box sends ""); the processor checks everything else."""
+    if isinstance(item, dict) and isinstance(item.get("text"), str) and not item["text"].strip():
+        return {k: v for k, v in item.items() if k != "text"}
+    return item
 
 
 def _item_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:

@@ -31,11 +31,16 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
-def image_overlay(image: Any, explanation: Explanation, *, alpha: float = 0.5) -> np.ndarray:
-    """The image as given (after EXIF rotation) with its relevance on top; (H, W, 3) uint8."""
-    base = open_image(image).convert("RGBA")
-    white = Image.new("RGBA", base.size, (255, 255, 255, 255))
-    base = np.asarray(Image.alpha_composite(white, base).convert("RGB"))
+def base_image(image: Any) -> np.ndarray:
+    """The image as given (after EXIF rotation, transparency on white) as (H, W, 3) uint8: decode it once and
+    pass the result to `image_overlay` for every redraw."""
+    rgba = open_image(image).convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+
+
+def image_overlay(base: np.ndarray, explanation: Explanation, *, alpha: float = 0.5) -> np.ndarray:
+    """`base_image(...)` with the explanation's relevance on top; (H, W, 3) uint8."""
     return overlay(base, for_display(explanation.image_heatmap), alpha=alpha)
 
 
@@ -122,8 +127,9 @@ def explanation_record(prediction: Any) -> dict:
     return record
 
 
-def export_zip(prediction: Any, path: str | Path, *, image: Any = None) -> Path:
-    """Write `explanation.json` plus PNGs of every heatmap (and the overlays) into one zip file."""
+def export_zip(prediction: Any, path: str | Path, *, image: np.ndarray | None = None) -> Path:
+    """Write `explanation.json` plus PNGs of every heatmap (and the overlays) into one zip file; `image` is the
+    input's `base_image`, for the image overlay."""
     path = Path(path)
     e = prediction.explanation
     pictures = {}

@@ -16,6 +16,7 @@ from PIL import Image
 
 import app
 from fusion import FusionPipeline
+from fusion.bench import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,14 +99,8 @@ def test_port_from_the_environment(monkeypatch):
     assert app.parse_args([]).port == 9123
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(checkpoint, *extra):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     process = subprocess.Popen([sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port), *extra],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
