@@ -176,7 +176,7 @@ def _grid_map(token_scores: torch.Tensor, encoder: torch.nn.Module, spatial: tup
     return F.interpolate(grid.float(), size=spatial, mode="bilinear", align_corners=False)[0, 0]
 
 
-def image_to_given(square: np.ndarray, geometry: ImageGeometry, size: int) -> np.ndarray:
+def image_to_given(square: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
     """A heatmap over the model's square mapped onto the image as given (same height and width)."""
     out = np.zeros((geometry.height, geometry.width), dtype=np.float32)
     left, top, right, bottom = geometry.box
@@ -332,8 +332,7 @@ def explain_item(pipeline, batch: dict[str, Any], *, method: str = "relevance", 
             heat = heat * (grad * signal).abs().reshape(-1, *spatial).sum(dim=0)
         heat = normalise(heat.numpy())
         if modality == "image":
-            size = processor.settings.image.size
-            explanation.image_heatmap = image_to_given(heat, info["image_geometry"], size)
+            explanation.image_heatmap = image_to_given(heat, info["image_geometry"])
         else:
             audio = processor.settings.audio
             explanation.audio_heatmap = heat

@@ -97,8 +97,8 @@ class EpochExamples(Dataset):
         return self.maker(self.epoch, index)
 
 
-def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Pools, dict]:
-    """Training pools and held-out evaluation pools of the digits task."""
+def digits_data(args, processor: FusionProcessor, limit: int | None) -> Pools:
+    """Training pools of the digits task (the held-out split and speaker left out)."""
     data = Path(args.data)
     labels = [str(d) for d in range(10)]
     pools = Pools(labels=labels, generate_phrases=True)
@@ -114,7 +114,7 @@ def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Po
         clips += synthetic_clips(Path(args.cache) / "synthetic-voices")
     if clips:
         pools.waves = wave_pool(processor, [str(c.path) for c in clips], [c.label for c in clips])
-    return pools, {"folder": data, "limit": limit}
+    return pools
 
 
 def manifest_data(args, processor: FusionProcessor) -> tuple[Pools, Pools, list[str]]:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     heldout_dir = None
     if args.data:
-        pools, _ = digits_data(args, processor, args.limit)
+        pools = digits_data(args, processor, args.limit)
         labels = pools.labels
         heldout_dir = Path(tempfile.mkdtemp(prefix="fusion-heldout-"))
         write_heldout(args.data, heldout_dir, limit=args.limit)
