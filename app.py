@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from fusion import FusionInputError, FusionPipeline
 from fusion.explain import METHODS
@@ -24,6 +28,9 @@ DEFAULT_MODEL = ROOT / "assets" / "fusion-digits"
 EXAMPLES = ROOT / "assets" / "examples"
 MAX_FILE_SIZE = "10mb"
 QUEUE_SIZE = 64
+CONCURRENCY = 2
+OUTPUTS = Path(tempfile.gettempdir()) / f"fusion-outputs-{os.getpid()}"
+KEEP_OUTPUTS_S = 3600
 AVERAGE = "average"
 log = logging.getLogger("fusion.app")
 
@@ -115,7 +122,7 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
              f"{explanation.counterfactuals[m][0]} ({explanation.counterfactuals[m][1]:.0%})"]
             for m in prediction.modalities]
     subsets = [[key, label, round(confidence, 3)] for key, (label, confidence) in explanation.counterfactuals.items()]
-    download = export_zip(prediction, Path(tempfile.mkdtemp(prefix="fusion-")) / "explanation.zip", image=state["image"])
+    download = export_zip(prediction, output_folder() / "explanation.zip", image=state["image"])
     return (
         {label: p for label, p in prediction.top(len(prediction.probs))},
         *pictures[:2],
@@ -129,15 +136,46 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
     )
 
 
+def output_folder() -> Path:
+    """A fresh folder for one answer's files; folders older than `KEEP_OUTPUTS_S` go as new ones are made.
+
+    Gradio copies returned files into its own cache (emptied by `delete_cache`), so these are only staging.
+    Pictures are returned as files rather than arrays: Gradio rewrites an array's cached file in place when two
+    answers are identical, and a visitor could be sent a half-written picture (seen with 16 clients sending the
+    same input), whereas a file is copied into its cache atomically.
+    """
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in OUTPUTS.iterdir():
+        try:
+            if now - old.stat().st_mtime > KEEP_OUTPUTS_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # removed by a concurrent call
+            pass
+    return Path(tempfile.mkdtemp(dir=OUTPUTS))
+
+
+atexit.register(shutil.rmtree, OUTPUTS, ignore_errors=True)
+
+
 def render(state: dict | None, alpha: float, layer: str, head: str):
-    """The pictures that depend on the viewer's choices: image overlay, spectrogram, attention matrix."""
+    """The pictures that depend on the viewer's choices, as PNG paths: image overlay, spectrogram, attention."""
     if not state:
         return None, None, None
     prediction, explanation = state["prediction"], state["prediction"].explanation
-    image = image_overlay(state["image"], explanation, alpha=alpha) if explanation.image_heatmap is not None else None
-    audio = spectrogram_image(explanation, alpha=alpha) if explanation.audio_heatmap is not None else None
     matrix = select_attention(explanation, layer=_choice_index(layer), head=_choice_index(head))
-    return image, audio, attention_image(matrix, prediction.modalities)
+    pictures = {
+        "image.png": image_overlay(state["image"], explanation, alpha=alpha) if explanation.image_heatmap is not None else None,
+        "spectrogram.png": spectrogram_image(explanation, alpha=alpha) if explanation.audio_heatmap is not None else None,
+        "attention.png": attention_image(matrix, prediction.modalities),
+    }
+    folder = output_folder()
+    paths = []
+    for name, picture in pictures.items():
+        if picture is not None:
+            Image.fromarray(picture).save(folder / name)
+        paths.append(str(folder / name) if picture is not None else None)
+    return tuple(paths)
 
 
 def notice(prediction) -> str:
@@ -188,15 +226,15 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
                 summary = gr.Markdown(elem_id="notice")
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label=I18N("fusion_opacity"))
                 with gr.Row():
-                    image_out = gr.Image(label=I18N("fusion_image_relevance"), type="numpy", elem_id="image-heatmap")
-                    audio_out = gr.Image(label=I18N("fusion_audio_relevance"), type="numpy", elem_id="audio-heatmap")
+                    image_out = gr.Image(label=I18N("fusion_image_relevance"), type="filepath", elem_id="image-heatmap")
+                    audio_out = gr.Image(label=I18N("fusion_audio_relevance"), type="filepath", elem_id="audio-heatmap")
                 words = gr.HighlightedText(label=I18N("fusion_text_relevance"), elem_id="text-heatmap")
                 shares = gr.Dataframe(headers=["modality", "share", "Shapley", "alone"], label=I18N("fusion_contributions"))
                 subsets = gr.Dataframe(headers=["subset", "label", "confidence"], label=I18N("fusion_subsets"))
                 with gr.Row():
                     layer = gr.Dropdown(layers, value=AVERAGE, label=I18N("fusion_layer"))
                     head = gr.Dropdown(heads, value=AVERAGE, label=I18N("fusion_head"))
-                attention = gr.Image(label=I18N("fusion_attention"), type="numpy", elem_id="attention")
+                attention = gr.Image(label=I18N("fusion_attention"), type="filepath", elem_id="attention")
                 download = gr.File(label=I18N("fusion_download"), elem_id="download")
         rows = example_rows()
         if rows:
@@ -221,9 +259,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="create a public link (needs --auth or --no-auth)")
     parser.add_argument("--auth", default=os.environ.get("FUSION_AUTH"), help="USER:PASSWORD, or set FUSION_AUTH")
     parser.add_argument("--no-auth", action="store_true", help="open a shared link to anyone, on purpose")
+    parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests waiting beyond this are turned away")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="predictions computed at once")
     args = parser.parse_args(argv)
     if args.share and not args.auth and not args.no_auth:
         parser.error("--share makes the demo public: give --auth USER:PASSWORD (or FUSION_AUTH), or --no-auth on purpose")
+    if args.queue_size < 1 or args.concurrency < 1:
+        parser.error("--queue-size and --concurrency must be at least 1")
     if args.auth and ":" not in args.auth:
         parser.error("--auth must look like USER:PASSWORD")
     return args
@@ -236,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
     log.info("ready: %s", pipeline.description)
     demo = build_demo(pipeline)
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
+    # A full queue answers at once with Gradio's "Queue is full! Please try again." instead of a long wait.
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
         server_port=args.port,

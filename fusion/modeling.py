@@ -166,6 +166,29 @@ class FusionOutput(ModelOutput):
     encoded: torch.FloatTensor | None = None
 
 
+def flatten_8bit_inputs(model: nn.Module) -> int:
+    """Let every bitsandbytes 8-bit linear layer take inputs of any rank; returns how many were wrapped.
+
+    bitsandbytes 0.50 flattens 3-D inputs only, and its outlier path fails on the (B, H, W, C) inputs of
+    ConvNeXt's pointwise layers. A wrapped layer sees them as (B·H·W, C). The wrapper is a closure, not state on
+    the module, so concurrent calls cannot mix up shapes.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear8bitLt" or getattr(module, "_fusion_flattened", False):
+            continue
+        forward = module.forward
+
+        def flat_forward(x: torch.Tensor, forward=forward) -> torch.Tensor:
+            if x.dim() <= 3:
+                return forward(x)
+            return forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+        module.forward, module._fusion_flattened = flat_forward, True
+        count += 1
+    return count
+
+
 class FusionPreTrainedModel(PreTrainedModel):
     config_class = FusionConfig
     base_model_prefix = "fusion"
@@ -174,6 +197,13 @@ class FusionPreTrainedModel(PreTrainedModel):
     # Kept out of 8-bit replacement: the head is small and decides the answer.
     _keep_in_fp32_modules = ["classifier"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, and in 8-bit the encoders' layers made to take any input rank."""
+        model = super().from_pretrained(*args, **kwargs)
+        flatten_8bit_inputs(model)
+        return model
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -92,18 +92,19 @@ def load_model(path: str | Path, *, precision: str = "auto", device: str | torch
     if precision == "int8":
         from transformers import BitsAndBytesConfig
 
-        # Norms, the head and the convolutional encoders stay in fp32; bitsandbytes casts inputs of its
+        # Norms, the head and the convolutions stay in fp32; bitsandbytes casts inputs of its
         # 8-bit matmuls to fp16 itself, and logs that on every call.
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietCast())
         model = FusionModel.from_pretrained(
             path,
             quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            use_safetensors=True,
             device_map={"": str(device)} if device.type == "cuda" else {"": "cpu"},
             dtype=torch.float32,
         )
     else:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-        model = FusionModel.from_pretrained(path, dtype=dtype).to(device)
+        model = FusionModel.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
     return model.eval(), precision, device
 
 

@@ -383,8 +383,15 @@ def prepare_waveform(samples: np.ndarray, rate: int, settings: AudioSettings) ->
             source = max(50, round(rate / 50) * 50)
         wave = torchaudio.functional.resample(wave, source, settings.sampling_rate)
     wave = wave.numpy()
-    if np.abs(wave).max(initial=0.0) < settings.silence_peak:
+    if not np.isfinite(wave).all():
+        raise FusionInputError("audio samples are too large to process (they overflow when resampled); is it really audio?")
+    peak = float(np.abs(wave).max(initial=0.0))
+    if peak < settings.silence_peak:
         raise FusionInputError("audio is silent (no sample above 1e-4 of full scale); record again, closer to the microphone")
+    if peak > 1.0:
+        # Float audio beyond full scale: bring the peak to 1 so that energies cannot overflow (the clip is levelled
+        # to `target_rms` below anyway).
+        wave = wave / peak
     sr, length = settings.sampling_rate, int(round(settings.duration * settings.sampling_rate))
     # Trim quiet ends, judged on 20 ms frames against the loudest one.
     frame = max(1, sr // 50)

@@ -38,6 +38,7 @@ def test_predict_with_a_sketch_text_and_a_numpy_recording(pipe, sketch, tone):
     out = app.predict(pipe, sketch, "the number is one", tone, "relevance", 0.5, "average", "average")
     labels, image, spectrogram, words, shares, subsets, notice, attention, download, state = out
     assert set(labels) == {str(d) for d in range(10)} and abs(sum(labels.values()) - 1) < 1e-5
+    image, spectrogram, attention = (np.asarray(Image.open(p)) for p in (image, spectrogram, attention))
     assert image.shape == (280, 280, 3) and image.dtype == np.uint8
     assert spectrogram.shape == (32 * 4 + 22, 100 * 4, 3)
     assert "".join(piece for piece, _ in words) == "the number is one"
@@ -52,8 +53,8 @@ def test_predict_with_a_sketch_text_and_a_numpy_recording(pipe, sketch, tone):
 
 def test_rerender_changes_with_opacity_and_layer(pipe, sketch):
     *_, state = app.predict(pipe, sketch, None, None)
-    faint, _, average = app.render(state, 0.1, "average", "average")
-    strong, _, first = app.render(state, 0.9, "layer 1", "head 2")
+    faint, _, average = (np.asarray(Image.open(p)) if p else None for p in app.render(state, 0.1, "average", "average"))
+    strong, _, first = (np.asarray(Image.open(p)) if p else None for p in app.render(state, 0.9, "layer 1", "head 2"))
     assert faint.shape == strong.shape and not np.array_equal(faint, strong)
     assert average.shape == first.shape
     assert app.render(None, 0.5, "average", "average") == (None, None, None)
@@ -150,6 +151,72 @@ def test_running_app_answers_through_gradio_client(server, tmp_path, tone):
                        "", None, "relevance", 0.5, "average", "average", api_name="/predict")
     # and it keeps serving
     assert client.predict(None, "zwei", None, "rollout", 0.5, "average", "average", api_name="/predict")[0]["label"]
+
+
+def test_a_server_path_in_a_request_is_refused(server):
+    """An API caller names a file on the server instead of uploading one: Gradio must not read it."""
+    import json
+    import urllib.request
+
+    secret = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}, "orig_name": "passwd.wav"}
+    body = json.dumps({"data": [None, "", secret, "relevance", 0.5, "average", "average"]}).encode()
+    request = urllib.request.Request(f"{server}gradio_api/call/predict", data=body, headers={"Content-Type": "application/json"})
+    event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+    stream = urllib.request.urlopen(f"{server}gradio_api/call/predict/{event}", timeout=30).read().decode()
+    assert "event: error" in stream and "not uploaded by a user" in stream and "root:" not in stream, stream
+
+
+def test_identical_concurrent_requests_all_get_whole_pictures(server):
+    """Gradio rewrites the cached file of an output array in place, so identical answers served at once could
+    arrive truncated; the app returns files it wrote itself instead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    def ask(_):
+        client = Client(server, verbose=False)
+        results = []
+        for _ in range(3):
+            labels, image, spectrogram, words, *_, attention, download = client.predict(
+                None, "the number is four", None, "relevance", 0.5, "average", "average", api_name="/predict")
+            Image.open(attention).load()  # a truncated PNG fails here
+            with zipfile.ZipFile(download) as archive:
+                assert archive.testzip() is None
+            results.append(labels["label"])
+        return results
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [label for labels in pool.map(ask, range(8)) for label in labels]
+    assert len(answers) == 24 and len(set(answers)) == 1
+
+
+def test_a_full_queue_turns_requests_away_at_once(tiny_checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    process, url = _launch(tiny_checkpoint, "--queue-size", "1", "--concurrency", "1")
+    try:
+        client = Client(url, verbose=False)
+
+        def ask(_):
+            started = time.perf_counter()
+            try:
+                client.predict(None, "sieben", None, "relevance", 0.5, "average", "average", api_name="/predict")
+                return "answered", time.perf_counter() - started
+            except Exception as error:  # noqa: BLE001 - the message is what is checked
+                return str(error), time.perf_counter() - started
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(ask, range(16)))
+        turned_away = [seconds for message, seconds in outcomes if "Queue is full" in message]
+        assert [m for m, _ in outcomes if m != "answered" and "Queue is full" not in m] == []
+        assert "answered" in [m for m, _ in outcomes] and turned_away
+        assert max(turned_away) < 10  # told at once, not after a timeout
+        assert client.predict(None, "acht", None, "relevance", 0.5, "average", "average", api_name="/predict")[0]["label"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_auth_is_required_when_set(tiny_checkpoint):

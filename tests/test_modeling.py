@@ -159,3 +159,25 @@ def test_from_encoders_loads_pretrained_weights(tmp_path):
     torch.testing.assert_close(loaded, bert.embeddings.word_embeddings.weight)
     out = model(input_ids=torch.randint(0, 120, (2, 6)))
     assert out.logits.shape == (2, 2)
+
+
+def test_8bit_convnext_with_outlier_activations(tmp_path):
+    """ConvNeXt's pointwise layers take (B, H, W, C); with activations above bitsandbytes' outlier threshold its
+    own code fails on such inputs unless they are flattened (`flatten_8bit_inputs`)."""
+    from transformers import BitsAndBytesConfig
+
+    convnext = {"model_type": "convnext", "num_channels": 1, "patch_size": 4, "num_stages": 2,
+                "hidden_sizes": [16, 32], "depths": [1, 1], "layer_scale_init_value": 0.0}
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config(image_config=convnext)).eval()
+    with torch.no_grad():
+        model.encoders["image"].encoder.embeddings.layernorm.weight.mul_(20.0)  # activations well above 6
+    model.save_pretrained(tmp_path)
+    quantized = FusionModel.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto", dtype=torch.float32
+    ).eval()
+    pixels = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        reference, approximate = model(pixel_values=pixels).logits, quantized(pixel_values=pixels).logits
+    assert approximate.shape == (2, 10)
+    assert (reference - approximate).abs().max() < 0.1 * reference.abs().max() + 1e-2

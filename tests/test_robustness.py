@@ -102,6 +102,8 @@ AUDIO = {
     "Inf": ((RATE, np.where(t > 0.5, np.inf, SPEECHLIKE).astype(np.float32)), "NaN or infinite"),
     "silence": ((RATE, np.zeros(RATE, dtype=np.float32)), "audio is silent"),
     "clipped": ((RATE, np.clip(SPEECHLIKE * 100, -1, 1)), None),
+    "far beyond full scale": ((RATE, SPEECHLIKE * 3e37), None),  # squares overflow float32 unless scaled first
+    "one huge sample at 1 kHz": ((1000, np.array([9.2e18], dtype=np.float32)), None),  # found by hypothesis
     "wav file of one hour": (lambda: wav(np.zeros(RATE * 3600, dtype=np.int16), RATE), r"at most 60 s"),
 }
 

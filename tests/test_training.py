@@ -50,7 +50,7 @@ def manifest(tmp_path_factory):
 
 def test_tiny_manifest_training_lowers_loss_and_writes_a_loadable_checkpoint(manifest, tmp_path):
     out = tmp_path / "run"
-    summary = train.main(["--manifest", str(manifest), "--out", str(out), "--epochs", "6",
+    summary = train.main(["--manifest", str(manifest), "--out", str(out), "--epochs", "10",
                           "--examples-per-epoch", "512", "--lr", "3e-3", *TINY])
     losses = [entry["loss"] for entry in summary["history"]]
     assert losses[-1] < 0.8 * losses[0], losses
@@ -103,3 +103,43 @@ def test_evaluate_json_has_every_subset_and_counts(tiny_checkpoint, capsys):
 def test_evaluate_refuses_a_folder_without_data(tiny_checkpoint, tmp_path, capsys):
     assert evaluate_cli.main(["--model", str(tiny_checkpoint), "--data", str(tmp_path)]) == 1
     assert "no evaluation data" in capsys.readouterr().err
+
+
+def test_objective_adds_each_real_modality_alone(processor, tokenizer):
+    """The alone term equals the loss of the model given only that modality; garbage and single-modality
+    examples add no alone term."""
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = train.FusionModel(tiny_config(text_config={"model_type": "bert", "vocab_size": len(tokenizer),
+                                                       "hidden_size": 32, "num_hidden_layers": 2,
+                                                       "num_attention_heads": 4, "intermediate_size": 64,
+                                                       "max_position_embeddings": 64})).eval()
+    image = processor.normalize_image(torch.rand(28, 28))
+    examples = [
+        {"label": 3, "garbage": None, "image": image, "text": "three"},
+        {"label": 5, "garbage": "image", "image": image, "text": "five"},
+        {"label": 7, "garbage": None, "text": "seven"},
+    ]
+    batch, alone = train.training_batch(examples, processor)
+    assert alone["image"].tolist() == [True, False, False] and alone["text"].tolist() == [True, True, False]
+    assert alone["audio"].tolist() == [False, False, False]
+    objective = train.FusionObjective(model)
+    with torch.no_grad():
+        total = objective(batch, alone)
+        full = model(**batch).loss
+        image_alone = model(**train.collate([{"label": 3, "image": image}], processor)).loss
+        text_alone = model(**train.collate([{"label": 3, "text": "three"}, {"label": 5, "text": "five"}], processor)).loss
+    expected = full + (image_alone * 1 + text_alone * 2) / 3
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mel_warp_moves_formants_and_keeps_the_shape():
+    from fusion.data.examples import warp_mel
+
+    features = torch.zeros(32, 10)
+    features[10] = 1.0  # energy in one mel bin
+    torch.testing.assert_close(warp_mel(features, 1.0), features)
+    up, down = warp_mel(features, 1.15), warp_mel(features, 0.85)
+    assert up.shape == down.shape == (32, 10)
+    assert up[:, 0].argmax() > 10 > down[:, 0].argmax()

@@ -21,9 +21,9 @@ from ..processing import FusionProcessor, load_waveform, prepare_image, prepare_
 from . import phrases
 
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(MODALITIES, r)]
-# Single modalities are drawn most often: in multimodal examples the easiest modality (usually text) carries
-# the answer, and the others would learn slowly without examples where they stand alone.
-SUBSET_WEIGHTS = {1: 3.0, 2: 1.5, 3: 1.5}
+# Every modality of a multimodal example is also trained alone (`fusion.train.FusionObjective`), so single-modality
+# examples need no extra weight; pairs and triples carry the garbage-modality cases.
+SUBSET_WEIGHTS = {1: 1.0, 2: 1.5, 3: 1.5}
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Augment:
     audio_speed: float = 0.8
     audio_noise: float = 0.5
     audio_low_snr: float = 0.1
+    audio_warp: float = 0.5  # stretch the mel axis: other speakers' vocal tracts move the formants
     spec_mask: float = 0.5
     garbage: float = 0.25  # chance that one modality of a multimodal example is replaced by garbage
 
@@ -99,7 +100,7 @@ class ExampleMaker:
         garbage = None
         if self.augment and len(subset) > 1 and rng.random() < self.augment.garbage:
             garbage = rng.choice(subset)
-        example = {"label": label}
+        example = {"label": label, "garbage": garbage}
         if "image" in subset:
             example["image"] = self.image(label, rng, garbage == "image")
         if "audio" in subset:
@@ -156,7 +157,9 @@ class ExampleMaker:
                 noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, len(wave))
                 wave = (wave + noise * np.sqrt(power / 10 ** (snr / 10))).astype(np.float32)
         fitted, _ = prepare_waveform(wave, settings.sampling_rate, settings)
-        features = self.processor.log_mel(torch.from_numpy(fitted)[None])[0]
+        features = self.processor.log_mel(torch.from_numpy(fitted)[None])[0]  # (mel, frames)
+        if self.augment and not garbage and rng.random() < self.augment.audio_warp:
+            features = warp_mel(features, rng.uniform(0.9, 1.1))
         if self.augment and rng.random() < self.augment.spec_mask:
             features = torchaudio.transforms.FrequencyMasking(6)(features[None])[0]
             features = torchaudio.transforms.TimeMasking(15)(features[None])[0]
@@ -169,6 +172,16 @@ class ExampleMaker:
         if self.pools.generate_phrases and (not texts or rng.random() < 0.8):
             return phrases.phrase(label, rng, split=self.phrase_split)
         return rng.choice(texts)
+
+
+def warp_mel(features: torch.Tensor, scale: float) -> torch.Tensor:
+    """A (mel, frames) spectrogram with its frequency axis stretched by `scale` (vocal tract length
+    perturbation): bins beyond the top are dropped, missing ones repeat the top bin."""
+    mel, frames = features.shape
+    warped = F.interpolate(features[None, None], size=(max(1, round(mel * scale)), frames), mode="bilinear", align_corners=False)[0, 0]
+    if warped.shape[0] >= mel:
+        return warped[:mel]
+    return torch.cat([warped, warped[-1:].expand(mel - warped.shape[0], frames)])
 
 
 def collate(examples: list[dict], processor: FusionProcessor) -> dict[str, torch.Tensor]:
