@@ -16,12 +16,19 @@ import time
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image
 
 from fusion import FusionInputError, FusionPipeline
 from fusion.explain import METHODS
 from fusion.processing import open_image
-from fusion.render import attention_image, base_image, export_zip, image_overlay, select_attention, spectrogram_image
+from fusion.render import (
+    attention_image,
+    base_image,
+    export_zip,
+    image_overlay,
+    png_bytes,
+    select_attention,
+    spectrogram_image,
+)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "assets" / "fusion-digits"
@@ -122,7 +129,10 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
              f"{explanation.counterfactuals[m][0]} ({explanation.counterfactuals[m][1]:.0%})"]
             for m in prediction.modalities]
     subsets = [[key, label, round(confidence, 3)] for key, (label, confidence) in explanation.counterfactuals.items()]
-    download = export_zip(prediction, output_folder() / "explanation.zip", image=state["image"])
+    # The zip holds the pictures as first shown; the heatmaps without overlay are drawn for it.
+    shown = dict(zip(("image_overlay.png", "audio_overlay.png", "attention_matrix.png"), pictures))
+    drawn = {name: Path(path).read_bytes() for name, path in shown.items() if path}
+    download = export_zip(prediction, Path(pictures[2]).parent / "explanation.zip", image=state["image"], drawn=drawn)
     return (
         {label: p for label, p in prediction.top(len(prediction.probs))},
         *pictures[:2],
@@ -173,7 +183,7 @@ def render(state: dict | None, alpha: float, layer: str, head: str):
     paths = []
     for name, picture in pictures.items():
         if picture is not None:
-            Image.fromarray(picture).save(folder / name)
+            (folder / name).write_bytes(png_bytes(picture))
         paths.append(str(folder / name) if picture is not None else None)
     return tuple(paths)
 

@@ -28,7 +28,7 @@ import torch
 
 from .pipeline import FusionPipeline
 from .processing import load_waveform, open_image
-from .render import attention_image, base_image, image_overlay, spectrogram_image
+from .render import attention_image, base_image, image_overlay, png_bytes, spectrogram_image
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -56,10 +56,10 @@ def stage_latencies(pipeline: FusionPipeline, repeats: int) -> dict:
     batch = processor([ITEM])
     prediction = pipeline(**ITEM, explain=True)
 
-    def render():
-        image_overlay(base_image(ITEM["image"]), prediction.explanation)
-        spectrogram_image(prediction.explanation)
-        attention_image(prediction.explanation.attention_matrix_mean, prediction.modalities)
+    def render():  # the three pictures the app shows, drawn and encoded as it serves them
+        png_bytes(image_overlay(base_image(ITEM["image"]), prediction.explanation))
+        png_bytes(spectrogram_image(prediction.explanation))
+        png_bytes(attention_image(prediction.explanation.attention_matrix_mean, prediction.modalities))
 
     stages = {
         "decode": lambda: (open_image(ITEM["image"]).load(), load_waveform(ITEM["audio"], processor.settings.audio)),
