@@ -81,13 +81,20 @@ def paired_examples(pools: dict, subset: tuple[str, ...], *, garbage: dict[str, 
 
 
 def accuracy(pipeline: FusionPipeline, examples: list[dict], *, batch_size: int = 256) -> float:
+    """Share of `examples` answered right, in eval mode (in training mode, dropout would be on and BatchNorm
+    would learn the evaluation data's statistics); the model's mode is restored after."""
+    was_training = pipeline.model.training
+    pipeline.model.eval()
     correct = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk, pipeline.processor)
-        labels = batch.pop("labels")
-        logits = pipeline.forward(batch).logits.float().cpu()
-        correct += int((logits.argmax(dim=-1) == labels).sum())
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate(chunk, pipeline.processor)
+            labels = batch.pop("labels")
+            logits = pipeline.forward(batch).logits.float().cpu()
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+    finally:
+        pipeline.model.train(was_training)
     return correct / max(len(examples), 1)
 
 
@@ -95,8 +102,6 @@ def evaluate(pipeline: FusionPipeline, folder: str | Path, *, garbage: bool = Tr
     """Accuracy and count per modality subset found under `folder`; with `garbage`, also every three-modality
     example with one modality replaced by garbage (keys like `image+audio+text|noise image`). `n` maps each key
     to its number of examples."""
-    was_training = pipeline.model.training
-    pipeline.model.eval()
     pools = load_pools(folder, pipeline)
     results: dict = {"n": {}}
     for key in SUBSET_KEYS:
@@ -112,7 +117,6 @@ def evaluate(pipeline: FusionPipeline, folder: str | Path, *, garbage: bool = Tr
             key = f"image+audio+text|{name}"
             results[key] = round(accuracy(pipeline, examples), 5)
             results["n"][key] = len(examples)
-    pipeline.model.train(was_training)
     return results
 
 

@@ -50,33 +50,27 @@ from .processing import FusionProcessor, ProcessorSettings, build_tokenizer
 # ConvNeXt rather than ResNet: its pointwise convolutions are `nn.Linear` layers, so bitsandbytes' 8-bit
 # replacement reaches most of the weight (a ResNet's 3×3 convolutions stay fp32), and LayerNorm has no running
 # statistics for a validation pass to disturb. Layer scale is off: with two blocks a stage it only slows learning.
-CONV_ENCODER = {
-    "model_type": "convnext",
-    "num_channels": 1,
-    "patch_size": 4,
-    "num_stages": 2,
-    "hidden_sizes": [48, 96],
-    "depths": [2, 2],
-    "layer_scale_init_value": 0.0,
-}
+CONV_ENCODER = {"model_type": "convnext", "num_channels": 1, "layer_scale_init_value": 0.0}
+
+
+def convnext_config(widths: tuple[int, ...], *, depth: int = 2) -> dict:
+    """A ConvNeXt with one stage of `depth` blocks per entry of `widths`; its stem's patch shrinks as stages are
+    added, so that each token always covers an 8×8 cell (56×56 pixels: 49 tokens; 32×100 log-mel: 48)."""
+    stages = len(widths)
+    if stages not in (1, 2, 3, 4):
+        raise ValueError(f"conv widths need 1 to 4 stages, got {widths}")
+    return dict(CONV_ENCODER, hidden_sizes=list(widths), num_stages=stages, depths=[depth] * stages,
+                patch_size=8 // 2 ** (stages - 1))
 
 
 def default_config(*, vocab_size: int, labels: list[str], size: str = "base", width: int = 128,
                    conv_widths: tuple[int, ...] = (64, 128), text_width: int = 96) -> FusionConfig:
     """The architecture the digits model uses: small ConvNeXts over pixels and log-mel, a 2-layer BERT, and a
-    2-layer fusion Transformer of `width`. `size="tiny"` is for tests and smoke runs.
-
-    The ConvNeXts have one stage per entry of `conv_widths`, and their stem's patch shrinks as stages are added
-    so that the tokens always come from an 8×8 cell: 56×56 pixels and 32×100 log-mel give 49 and 48 tokens.
-    """
+    2-layer fusion Transformer of `width`. `size="tiny"` is for tests and smoke runs."""
     tiny = size == "tiny"
-    stages = len(conv_widths)
-    if stages not in (1, 2, 3, 4):
-        raise ValueError(f"conv_widths needs 1 to 4 stages, got {conv_widths}")
-    conv = dict(CONV_ENCODER, hidden_sizes=list(conv_widths), num_stages=stages, depths=[2] * stages,
-                patch_size=8 // 2 ** (stages - 1))
+    conv = convnext_config(conv_widths)
     if tiny:
-        conv, width = dict(CONV_ENCODER, hidden_sizes=[8, 16], depths=[1, 1]), 32
+        conv, width = convnext_config((8, 16), depth=1), 32
     return FusionConfig(
         image_config=dict(conv),
         audio_config=dict(conv),
@@ -212,15 +206,11 @@ def validation_pools(pools: Pools, pipeline: FusionPipeline) -> dict:
 
 
 def validate(pipeline: FusionPipeline, pools: dict) -> dict:
-    """Accuracy per subset, in eval mode (dropout off), restoring the mode the model was in."""
-    was_training = pipeline.model.training
-    pipeline.model.eval()
     results = {}
     for key in SUBSET_KEYS:
         subset = tuple(key.split("+"))
         if all(m in pools for m in subset):
             results[key] = round(accuracy(pipeline, paired_examples(pools, subset)), 4)
-    pipeline.model.train(was_training)
     return results
 
 

@@ -143,3 +143,19 @@ def test_mel_warp_moves_formants_and_keeps_the_shape():
     up, down = warp_mel(features, 1.15), warp_mel(features, 0.85)
     assert up.shape == down.shape == (32, 10)
     assert up[:, 0].argmax() > 10 > down[:, 0].argmax()
+
+
+def test_accuracy_runs_in_eval_mode_and_restores_the_mode(tiny_checkpoint):
+    """Validation during training once ran in training mode, and BatchNorm learnt the held-out statistics."""
+    from fusion.evaluate import accuracy, load_pools, paired_examples
+
+    pipe = FusionPipeline.from_pretrained(tiny_checkpoint, precision="fp32")
+    examples = paired_examples(load_pools(SAMPLE, pipe), ("image",))[:64]
+    norms = [m for m in pipe.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms  # the tiny image encoder is a ResNet
+    before = [n.running_mean.clone() for n in norms]
+    pipe.model.train()
+    accuracy(pipe, examples)
+    assert pipe.model.training
+    for norm, mean in zip(norms, before):
+        torch.testing.assert_close(norm.running_mean, mean, rtol=0, atol=0)
