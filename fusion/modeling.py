@@ -166,14 +166,13 @@ class FusionOutput(ModelOutput):
     encoded: torch.FloatTensor | None = None
 
 
-def flatten_8bit_inputs(model: nn.Module) -> int:
-    """Let every bitsandbytes 8-bit linear layer take inputs of any rank; returns how many were wrapped.
+def flatten_8bit_inputs(model: nn.Module) -> None:
+    """Let every bitsandbytes 8-bit linear layer take inputs of any rank.
 
     bitsandbytes 0.50 flattens 3-D inputs only, and its outlier path fails on the (B, H, W, C) inputs of
-    ConvNeXt's pointwise layers. A wrapped layer sees them as (B·H·W, C). The wrapper is a closure, not state on
-    the module, so concurrent calls cannot mix up shapes.
+    ConvNeXt's pointwise layers. A wrapped layer sees them as (B·H·W, C). Each call keeps its shape in its own
+    frame, so concurrent calls cannot mix shapes up.
     """
-    count = 0
     for module in model.modules():
         if type(module).__name__ != "Linear8bitLt" or getattr(module, "_fusion_flattened", False):
             continue
@@ -185,8 +184,6 @@ def flatten_8bit_inputs(model: nn.Module) -> int:
             return forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
         module.forward, module._fusion_flattened = flat_forward, True
-        count += 1
-    return count
 
 
 class FusionPreTrainedModel(PreTrainedModel):
