@@ -123,16 +123,17 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
         raise gr.Error("The model failed on this input; the error was logged. Try another input.") from None
     # Decoded once here; opacity and layer changes redraw from it.
     state = {"prediction": prediction, "image": base_image(image) if image is not None else None}
-    pictures = render(state, alpha, layer, head)
+    shown = draw(state, alpha, layer, head)
+    folder = output_folder()
+    pictures = save(shown, folder)
     explanation = prediction.explanation
     rows = [[m, round(explanation.modality_shares.get(m, 0.0), 3), round(explanation.shapley.get(m, 0.0), 3),
              f"{explanation.counterfactuals[m][0]} ({explanation.counterfactuals[m][1]:.0%})"]
             for m in prediction.modalities]
     subsets = [[key, label, round(confidence, 3)] for key, (label, confidence) in explanation.counterfactuals.items()]
     # The zip holds the pictures as first shown; the heatmaps without overlay are drawn for it.
-    shown = dict(zip(("image_overlay.png", "audio_overlay.png", "attention_matrix.png"), pictures))
-    drawn = {name: Path(path).read_bytes() for name, path in shown.items() if path}
-    download = export_zip(prediction, Path(pictures[2]).parent / "explanation.zip", image=state["image"], drawn=drawn)
+    download = export_zip(prediction, folder / "explanation.zip", image=state["image"],
+                          drawn={name: data for name, data in shown.items() if data is not None})
     return (
         {label: p for label, p in prediction.top(len(prediction.probs))},
         *pictures[:2],
@@ -168,24 +169,34 @@ def output_folder() -> Path:
 atexit.register(shutil.rmtree, OUTPUTS, ignore_errors=True)
 
 
-def render(state: dict | None, alpha: float, layer: str, head: str):
-    """The pictures that depend on the viewer's choices, as PNG paths: image overlay, spectrogram, attention."""
-    if not state:
-        return None, None, None
+def draw(state: dict, alpha: float, layer: str, head: str) -> dict[str, bytes | None]:
+    """The pictures that depend on the viewer's choices as PNG bytes, named as in the zip export: image overlay,
+    spectrogram, attention matrix (None where the input lacks the modality)."""
     prediction, explanation = state["prediction"], state["prediction"].explanation
     matrix = select_attention(explanation, layer=_choice_index(layer), head=_choice_index(head))
     pictures = {
-        "image.png": image_overlay(state["image"], explanation, alpha=alpha) if explanation.image_heatmap is not None else None,
-        "spectrogram.png": spectrogram_image(explanation, alpha=alpha) if explanation.audio_heatmap is not None else None,
-        "attention.png": attention_image(matrix, prediction.modalities),
+        "image_overlay.png": image_overlay(state["image"], explanation, alpha=alpha) if explanation.image_heatmap is not None else None,
+        "audio_overlay.png": spectrogram_image(explanation, alpha=alpha) if explanation.audio_heatmap is not None else None,
+        "attention_matrix.png": attention_image(matrix, prediction.modalities),
     }
-    folder = output_folder()
+    return {name: None if picture is None else png_bytes(picture) for name, picture in pictures.items()}
+
+
+def save(pictures: dict[str, bytes | None], folder: Path) -> tuple[str | None, ...]:
+    """Write the pictures into `folder`; their paths (None for a missing one) in the order given."""
     paths = []
-    for name, picture in pictures.items():
-        if picture is not None:
-            (folder / name).write_bytes(png_bytes(picture))
-        paths.append(str(folder / name) if picture is not None else None)
+    for name, data in pictures.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+        paths.append(None if data is None else str(folder / name))
     return tuple(paths)
+
+
+def render(state: dict | None, alpha: float, layer: str, head: str):
+    """Redraw for a changed opacity, layer or head: paths of the image overlay, spectrogram and attention."""
+    if not state:
+        return None, None, None
+    return save(draw(state, alpha, layer, head), output_folder())
 
 
 def notice(prediction) -> str:

@@ -142,7 +142,7 @@ def export_zip(prediction: Any, path: str | Path, *, image: np.ndarray | None = 
     `audio_overlay.png`, `attention_matrix.png`), such as the ones a viewer sees; the others are drawn here."""
     path = Path(path)
     e = prediction.explanation
-    drawn = dict(drawn or {})
+    drawn = drawn or {}
     pictures = {}
     if e.image_heatmap is not None:
         pictures["image_heatmap.png"] = lambda: colorize(e.image_heatmap)
