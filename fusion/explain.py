@@ -505,7 +505,8 @@ def _deletion_summary(relevant, random_, curves_del, curves_ins, grid) -> dict:
         "n": len(relevant),
         "drop_relevant": round(drop_relevant, 4),
         "drop_random": round(drop_random, 4),
-        "ratio": round(drop_relevant / drop_random, 2) if drop_random > 1e-6 else float("inf"),
+        # Undefined (null in JSON, where infinity is not allowed) when random deletion does not lower it at all.
+        "ratio": round(drop_relevant / drop_random, 2) if drop_random > 1e-6 else None,
         "fractions": [round(float(f), 2) for f in grid],
         "deletion_curve": [round(float(v), 4) for v in deletion],
         "insertion_curve": [round(float(v), 4) for v in insertion],

@@ -5,8 +5,9 @@
     accelerate launch --cpu --num_processes 2 -m fusion.train --data ../shared/data --out DIR
 
 The digits task trains on MNIST images outside the held-out split, the FSDD speakers except the held-out one
-(plus synthetic voices when espeak-ng or flite is installed) and generated phrases; it validates on the held-out
-images, the held-out speaker and phrases from validation-only templates. Results are the same for a seed.
+(plus synthetic voices from espeak-ng, flite and festival where installed) and generated phrases; it logs
+accuracy on the held-out images, the held-out speaker and phrases from validation-only templates. Results are
+the same for a seed.
 """
 
 from __future__ import annotations
@@ -64,16 +65,19 @@ def convnext_config(widths: tuple[int, ...], *, depth: int = 2) -> dict:
 
 
 def default_config(*, vocab_size: int, labels: list[str], size: str = "base", width: int = 128,
-                   conv_widths: tuple[int, ...] = (64, 128), text_width: int = 96) -> FusionConfig:
-    """The architecture the digits model uses: small ConvNeXts over pixels and log-mel, a 2-layer BERT, and a
-    2-layer fusion Transformer of `width`. `size="tiny"` is for tests and smoke runs."""
+                   conv_widths: tuple[int, ...] = (64, 128), audio_widths: tuple[int, ...] | None = None,
+                   text_width: int = 96) -> FusionConfig:
+    """The architecture the digits model uses: small ConvNeXts over pixels and log-mel (`audio_widths` defaults to
+    `conv_widths`), a 2-layer BERT, and a 2-layer fusion Transformer of `width`. `size="tiny"` is for tests and
+    smoke runs."""
     tiny = size == "tiny"
-    conv = convnext_config(conv_widths)
+    conv, audio = convnext_config(conv_widths), convnext_config(audio_widths or conv_widths)
     if tiny:
         conv, width = convnext_config((8, 16), depth=1), 32
+        audio = conv
     return FusionConfig(
         image_config=dict(conv),
-        audio_config=dict(conv),
+        audio_config=dict(audio),
         text_config={
             "model_type": "bert",
             "vocab_size": vocab_size,
@@ -214,6 +218,10 @@ def validate(pipeline: FusionPipeline, pools: dict) -> dict:
     return results
 
 
+def widths(text: str) -> tuple[int, ...]:
+    return tuple(int(w) for w in text.split(","))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="folder with mnist/ and fsdd/ (the digits task)")
@@ -227,13 +235,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", choices=("base", "tiny"), default="base", help="tiny: for tests and smoke runs")
     parser.add_argument("--width", type=int, default=128, help="fusion Transformer width")
     parser.add_argument("--text-width", type=int, default=96, help="text encoder width")
-    parser.add_argument("--conv-widths", default="64,128", help="channels of each ConvNeXt stage (image and audio)")
+    parser.add_argument("--conv-widths", default="64,128", help="channels of each ConvNeXt stage of the image encoder")
+    parser.add_argument("--audio-widths", default=None, help="channels of each ConvNeXt stage of the audio encoder "
+                        "(default: --conv-widths)")
     parser.add_argument("--image-size", type=int, default=56, help="side of the square image the model sees")
     parser.add_argument("--garbage", type=float, default=Augment.garbage, help="chance of a garbage modality")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per source (smoke runs)")
     parser.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and after the last)")
     parser.add_argument("--synthetic-voices", action=argparse.BooleanOptionalAction, default=True,
-                        help="add espeak-ng/flite voices to the digits audio when those programs are installed")
+                        help="add espeak-ng/flite/festival voices to the digits audio where those programs are installed")
     parser.add_argument("--cache", default=None, help="folder for generated data (default: OUT/../.fusion-cache)")
     args = parser.parse_args(argv)
     if bool(args.data) == bool(args.manifest):
@@ -271,9 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
         write_heldout(args.data, heldout_dir, limit=args.limit)
     else:
         pools, val_pools, labels = manifest_data(args, processor)
-    conv_widths = tuple(int(w) for w in args.conv_widths.split(","))
     config = default_config(vocab_size=len(tokenizer), labels=labels, size=args.size, width=args.width,
-                            conv_widths=conv_widths, text_width=args.text_width)
+                            conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
+                            text_width=args.text_width)
     set_seed(args.seed)
     model = FusionModel(config)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,28 @@ def test_accuracy_runs_in_eval_mode_and_restores_the_mode(tiny_checkpoint):
     assert pipe.model.training
     for norm, mean in zip(norms, before):
         torch.testing.assert_close(norm.running_mean, mean, rtol=0, atol=0)
+
+
+def test_synthetic_voices_are_fixed_and_skip_missing_programs(tmp_path, monkeypatch):
+    from fusion.data import synthetic
+
+    voices = synthetic.voices()
+    assert voices == synthetic.voices()  # the drawn speakers come from a fixed seed
+    assert len({speaker for speaker, _, _ in voices}) == len(voices)
+    assert {program for _, program, _ in voices} == {"espeak-ng", "flite", "text2wave"}
+    monkeypatch.setattr(synthetic.shutil, "which", lambda program: None)
+    assert synthetic.synthetic_clips(tmp_path) == []
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
+def test_a_synthetic_voice_is_spoken_at_the_models_rate(tmp_path, monkeypatch):
+    import soundfile
+
+    from fusion.data import synthetic
+
+    chosen = [v for v in synthetic.voices() if v[0] == "tts-espeak-draw0"]
+    monkeypatch.setattr(synthetic, "voices", lambda: chosen)
+    clips = synthetic.synthetic_clips(tmp_path)
+    assert [c.label for c in clips] == list(range(10))
+    samples, rate = soundfile.read(clips[7].path)
+    assert rate == synthetic.RATE and 0.2 < len(samples) / rate < 2.0

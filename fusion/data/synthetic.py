@@ -1,12 +1,17 @@
-"""Synthetic spoken digits from espeak-ng and flite, to widen the voices beyond FSDD's five adult men.
+"""Synthetic spoken digits from espeak-ng, flite and festival, to widen the voices beyond FSDD's five adult men.
 
-The clips are made once into a cache folder and reused; without either program installed the list is empty
-and training goes on with recorded speech only.
+The clips are made once into a cache folder and reused; a program that is not installed is skipped, and without
+any of them the list is empty and training goes on with recorded speech only.
+
+Measured on a validation speaker of FSDD (nicolas; the evaluation speaker untouched), audio-only training on the
+other three: no synthetic voices 59.2%, the fixed espeak-ng/flite grid 77.2%, plus the accent × voice draws and
+festival 78.4%.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,32 +29,78 @@ ESPEAK_VOICES = ["en-us", "en", "en-us+f1", "en-us+f2", "en-us+f3", "en-us+f4", 
 ESPEAK_PITCHES = [25, 50, 75, 95]
 ESPEAK_SPEEDS = [120, 165]
 FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
+# Drawn speakers: an English accent, a voice variant, a pitch and a speed, from a fixed seed.
+ESPEAK_DRAWS = 150
+ESPEAK_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd"]
+ESPEAK_VARIANTS = [
+    "Adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "Belinda", "Benjamin", "David", "Ed", "Edward", "Gene", "Hugo",
+    "Jacky", "John", "Lee", "Linda", "Max", "Michael", "Mike", "Paul", "Rob", "Robert", "Steph", "Zac", "anika", "f1",
+    "f2", "f3", "f4", "f5", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "grandma", "grandpa", "klatt", "klatt2",
+    "klatt3", "klatt4", "norbert", "shelby", "travis", "victor", "iven", "quincy",
+]
+# Festival voices (Debian: festival, festvox-kallpc16k, festvox-kdlpc16k, festvox-us-slt-hts): the diphone voices
+# are moved to several mean pitches; every voice is spoken at two or three durations.
+FESTIVAL_VOICES = {
+    "kal_diphone": ([90, 110, 130, 160], [0.9, 1.2]),
+    "ked_diphone": ([90, 110, 130, 160], [0.9, 1.2]),
+    "cmu_us_slt_arctic_hts": ([0], [0.9, 1.0, 1.2]),
+}
+
+
+def voices() -> list[tuple[str, str, list[str]]]:
+    """(speaker, program, arguments before the word) of every synthetic voice, whether or not it is installed;
+    the festival entries read the word from standard input."""
+    out = []
+    for voice, pitch, speed in itertools.product(ESPEAK_VOICES, ESPEAK_PITCHES, ESPEAK_SPEEDS):
+        speaker = f"tts-espeak-{voice.replace('+', '-')}-{pitch}-{speed}"
+        out.append((speaker, "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)]))
+    draws = random.Random(0)
+    for draw in range(ESPEAK_DRAWS):
+        voice = f"{draws.choice(ESPEAK_ACCENTS)}+{draws.choice(ESPEAK_VARIANTS)}"
+        pitch, speed = draws.randint(15, 95), draws.randint(100, 200)
+        out.append((f"tts-espeak-draw{draw}", "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)]))
+    out += [(f"tts-flite-{voice}", "flite", ["-voice", voice, "-t"]) for voice in FLITE_VOICES]
+    for voice, (pitches, stretches) in FESTIVAL_VOICES.items():
+        for pitch, stretch in itertools.product(pitches, stretches):
+            settings = [f"(voice_{voice})", f"(Parameter.set 'Duration_Stretch {stretch})"]
+            if pitch:
+                settings.append(f"(set! int_lr_params '((target_f0_mean {pitch}) (target_f0_std {pitch // 6}) "
+                                "(model_f0_mean 170) (model_f0_std 34)))")
+            speaker = f"tts-festival-{voice.split('_')[0]}-{pitch}-{stretch}"
+            out.append((speaker, "text2wave", [a for e in settings for a in ("-eval", e)]))
+    return out
+
+
+def _installed(program: str, arguments: list[str]) -> bool:
+    if not shutil.which(program):
+        return False
+    if program == "text2wave":  # each festival voice is its own Debian package
+        voice = arguments[1][len("(voice_"):-1]
+        return any(Path("/usr/share/festival/voices").glob(f"*/{voice}"))
+    return True
 
 
 def synthetic_clips(cache: str | Path) -> list[Clip]:
-    """Make (or reuse) the synthetic clips under `cache`; speaker names start with `tts-`."""
+    """Make (or reuse) the synthetic clips under `cache` with the programs installed; speaker names start with
+    `tts-`."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     clips = []
-    if shutil.which("espeak-ng"):
-        for voice, pitch, speed in itertools.product(ESPEAK_VOICES, ESPEAK_PITCHES, ESPEAK_SPEEDS):
-            speaker = f"tts-espeak-{voice.replace('+', '-')}-{pitch}-{speed}"
-            for digit, word in enumerate(DIGIT_WORDS):
-                path = cache / f"{digit}_{speaker}.wav"
-                if not path.is_file():
-                    command = ["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", str(path), word]
-                    subprocess.run(command, check=True, capture_output=True, timeout=30)
-                    _store_at_rate(path)
-                clips.append(Clip(path, digit, speaker))
-    if shutil.which("flite"):
-        for voice in FLITE_VOICES:
-            speaker = f"tts-flite-{voice}"
-            for digit, word in enumerate(DIGIT_WORDS):
-                path = cache / f"{digit}_{speaker}.wav"
-                if not path.is_file():
-                    subprocess.run(["flite", "-voice", voice, "-t", word, "-o", str(path)], check=True, capture_output=True, timeout=30)
-                    _store_at_rate(path)
-                clips.append(Clip(path, digit, speaker))
+    for speaker, program, arguments in voices():
+        if not _installed(program, arguments):
+            continue
+        for digit, word in enumerate(DIGIT_WORDS):
+            path = cache / f"{digit}_{speaker}.wav"
+            if not path.is_file():
+                if program == "text2wave":
+                    command, text = [program, "-o", str(path), *arguments], word.encode()
+                elif program == "flite":
+                    command, text = [program, *arguments, word, "-o", str(path)], None
+                else:
+                    command, text = [program, *arguments, "-w", str(path), word], None
+                subprocess.run(command, input=text, check=True, capture_output=True, timeout=60)
+                _store_at_rate(path)
+            clips.append(Clip(path, digit, speaker))
     return clips
 
 
