@@ -149,24 +149,47 @@ class EpochExamples(Dataset):
         return self.maker(self.epoch, index)
 
 
-def digits_data(args, processor: FusionProcessor, limit: int | None) -> Pools:
-    """Training pools of the digits task (the held-out split and speaker left out)."""
+VALIDATION_IMAGES = 500  # MNIST training images set aside with --val-speaker (at most a fifth of them)
+VALIDATION_SEED = 1  # fixed, so that runs with different seeds are compared on the same validation items
+
+
+def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Pools, Pools | None]:
+    """Training pools of the digits task (the held-out split and speaker left out) and, with `--val-speaker`,
+    validation pools: that speaker's clips, `VALIDATION_IMAGES` training images and validation-template phrases,
+    all left out of training."""
     data = Path(args.data)
     labels = [str(d) for d in range(10)]
-    pools = Pools(labels=labels, generate_phrases=True)
+    pools, validation = Pools(labels=labels, generate_phrases=True), None
+    all_clips = list_fsdd(data)
+    if args.val_speaker:
+        speakers = {c.speaker for c in all_clips} - {HELD_OUT_SPEAKER}
+        if args.val_speaker not in speakers:
+            raise SystemExit(f"--val-speaker {args.val_speaker!r} is not a training speaker of {data / 'fsdd'} "
+                             f"(those are {', '.join(sorted(speakers)) or 'none'}; {HELD_OUT_SPEAKER} is the test speaker)")
+        validation = Pools(labels=labels)
     mnist = load_mnist(data)
     if mnist is not None:
         train, _ = mnist_split(len(mnist[0]))
+        if validation is not None:
+            chosen, count = np.random.default_rng(VALIDATION_SEED).permutation(len(train)), min(VALIDATION_IMAGES, len(train) // 5)
+            held, train = np.sort(train[chosen[:count]]), np.sort(train[chosen[count:]])
+            validation.images = image_pool(processor, list(mnist[0][held]), list(mnist[1][held]))
         train = train[:limit]
         pools.images = image_pool(processor, list(mnist[0][train]), list(mnist[1][train]))
-    clips = [c for c in list_fsdd(data) if c.speaker != HELD_OUT_SPEAKER]
+    clips = [c for c in all_clips if c.speaker not in (HELD_OUT_SPEAKER, args.val_speaker)]
     if limit:
         clips = clips[::max(1, len(clips) // limit)]
     if args.synthetic_voices:
         clips += synthetic_clips(Path(args.cache) / "synthetic-voices")
     if clips:
         pools.waves = wave_pool(processor, [str(c.path) for c in clips], [c.label for c in clips])
-    return pools
+    if validation is not None:
+        spoken = [c for c in all_clips if c.speaker == args.val_speaker]
+        validation.waves = wave_pool(processor, [str(c.path) for c in spoken], [c.label for c in spoken])
+        rng = random.Random(f"validation-{VALIDATION_SEED}")
+        for i in range(1000):
+            validation.texts.setdefault(i % 10, []).append(phrases.phrase(i % 10, rng, split="val"))
+    return pools, validation
 
 
 def manifest_data(args, processor: FusionProcessor) -> tuple[Pools, Pools, list[str]]:
@@ -241,6 +264,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=56, help="side of the square image the model sees")
     parser.add_argument("--garbage", type=float, default=Augment.garbage, help="chance of a garbage modality")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per source (smoke runs)")
+    parser.add_argument("--val-speaker", default=None,
+                        help="digits task: leave this FSDD training speaker, 500 training images and fresh "
+                        "validation-template phrases out of training and validate on them every few epochs, so "
+                        "that epochs, seeds and recipes are chosen without the test data (evaluated once, at the "
+                        "end); without it the per-epoch log shows the test data")
     parser.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and after the last)")
     parser.add_argument("--synthetic-voices", action=argparse.BooleanOptionalAction, default=True,
                         help="add espeak-ng/flite/festival voices to the digits audio where those programs are installed")
@@ -250,6 +278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give exactly one of --data (the digits task) or --manifest")
     if args.data and not Path(args.data).is_dir():
         parser.error(f"--data {args.data!r} is not a folder")
+    if args.val_speaker and not args.data:
+        parser.error("--val-speaker is for the digits task (--data); a manifest is split 90/10 by itself")
     if args.cache is None:
         args.cache = str(Path(args.out).resolve().parent / ".fusion-cache")
     return args
@@ -275,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     heldout_dir = None
     if args.data:
-        pools = digits_data(args, processor, args.limit)
+        pools, val_pools = digits_data(args, processor, args.limit)
         labels = pools.labels
         heldout_dir = Path(tempfile.mkdtemp(prefix="fusion-heldout-"))
         write_heldout(args.data, heldout_dir, limit=args.limit)
@@ -299,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
 
     pipeline = FusionPipeline(accelerator.unwrap_model(objective).model, processor, precision="fp32", name=Path(args.out).name)
-    eval_pools = load_pools(heldout_dir, pipeline) if heldout_dir else validation_pools(val_pools, pipeline)
+    eval_pools = validation_pools(val_pools, pipeline) if val_pools is not None else load_pools(heldout_dir, pipeline)
 
     history = []
     for epoch in range(args.epochs):
@@ -324,7 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
         log(json.dumps(entry))
 
     accelerator.wait_for_everyone()
-    summary = {"epochs": args.epochs, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1), "history": history}
+    summary = {"epochs": args.epochs, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
+               "val": f"speaker {args.val_speaker}, training images set aside, validation-template phrases"
+               if args.val_speaker else "the held-out test data" if heldout_dir else "10% of the manifest",
+               "history": history}
     if accelerator.is_main_process:
         out = Path(args.out)
         pipeline.model.save_pretrained(out)

@@ -185,3 +185,40 @@ def test_a_synthetic_voice_is_spoken_at_the_models_rate(tmp_path, monkeypatch):
     assert [c.label for c in clips] == list(range(10))
     samples, rate = soundfile.read(clips[7].path)
     assert rate == synthetic.RATE and 0.2 < len(samples) / rate < 2.0
+
+
+@pytest.fixture(scope="module")
+def two_speakers(tmp_path_factory):
+    """The sample's data with its clips split between the test speaker and a second one, "nicolas"."""
+    folder = tmp_path_factory.mktemp("speakers")
+    shutil.copytree(SAMPLE / "mnist", folder / "mnist")
+    (folder / "fsdd").mkdir()
+    for i, clip in enumerate(list_fsdd(SAMPLE)):
+        speaker = "nicolas" if i % 2 else clip.speaker
+        shutil.copyfile(clip.path, folder / "fsdd" / f"{clip.label}_{speaker}_{i}.wav")
+    return folder
+
+
+def test_validation_speaker_is_left_out_of_training(two_speakers, tmp_path):
+    args = train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "v"), "--val-speaker", "nicolas",
+                             *TINY])
+    tokenizer = train.build_tokenizer(["seven"], vocab_size=50)
+    processor = train.FusionProcessor(tokenizer)
+    pools, validation = train.digits_data(args, processor, None)
+    assert not pools.waves  # every other clip is the test speaker's
+    assert sum(map(len, validation.waves.values())) == 50
+    # 200 images: 40 are test images, a fifth of the other 160 validate.
+    assert sum(map(len, validation.images.values())) == 32 and sum(map(len, pools.images.values())) == 128
+    assert sum(map(len, validation.texts.values())) == 1000
+    seen = {image.tobytes() for images in pools.images.values() for image in images}
+    assert not any(image.tobytes() in seen for images in validation.images.values() for image in images)
+    summary = train.main(["--data", str(two_speakers), "--out", str(tmp_path / "v"), "--val-speaker", "nicolas",
+                          "--epochs", "1", "--examples-per-epoch", "64", *TINY[:-2], "--eval-every", "1"])
+    assert summary["val"].startswith("speaker nicolas") and "audio" in summary["history"][-1]["val"]
+    assert summary["heldout"]["n"]["audio"] == 50  # the test speaker, evaluated once at the end
+
+
+def test_validation_speaker_must_be_a_training_speaker(two_speakers, tmp_path):
+    for speaker in ("jackson", "nobody"):
+        with pytest.raises(SystemExit, match="not a training speaker"):
+            train.main(["--data", str(two_speakers), "--out", str(tmp_path / "v"), "--val-speaker", speaker, *TINY])
