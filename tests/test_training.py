@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fusion import FusionPipeline
+from fusion import FusionPipeline, train
 from fusion import evaluate as evaluate_cli
-from fusion import train
 from fusion.data.sources import list_fsdd, load_mnist, load_phrases
 
 ROOT = Path(__file__).resolve().parents[1]
