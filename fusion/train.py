@@ -73,8 +73,8 @@ def default_config(*, vocab_size: int, labels: list[str], size: str = "base", wi
     tiny = size == "tiny"
     conv, audio = convnext_config(conv_widths), convnext_config(audio_widths or conv_widths)
     if tiny:
-        conv, width = convnext_config((8, 16), depth=1), 32
-        audio = conv
+        conv = audio = convnext_config((8, 16), depth=1)
+        width = 32
     return FusionConfig(
         image_config=dict(conv),
         audio_config=dict(audio),

@@ -166,8 +166,8 @@ def test_synthetic_voices_are_fixed_and_skip_missing_programs(tmp_path, monkeypa
 
     voices = synthetic.voices()
     assert voices == synthetic.voices()  # the drawn speakers come from a fixed seed
-    assert len({speaker for speaker, _, _ in voices}) == len(voices)
-    assert {program for _, program, _ in voices} == {"espeak-ng", "flite", "text2wave"}
+    assert len({v.speaker for v in voices}) == len(voices)
+    assert {v.program for v in voices} == {"espeak-ng", "flite", "text2wave"}
     monkeypatch.setattr(synthetic.shutil, "which", lambda program: None)
     assert synthetic.synthetic_clips(tmp_path) == []
 
@@ -178,7 +178,7 @@ def test_a_synthetic_voice_is_spoken_at_the_models_rate(tmp_path, monkeypatch):
 
     from fusion.data import synthetic
 
-    chosen = [v for v in synthetic.voices() if v[0] == "tts-espeak-draw0"]
+    chosen = [v for v in synthetic.voices() if v.speaker == "tts-espeak-draw0"]
     monkeypatch.setattr(synthetic, "voices", lambda: chosen)
     clips = synthetic.synthetic_clips(tmp_path)
     assert [c.label for c in clips] == list(range(10))
@@ -204,7 +204,7 @@ def test_validation_speaker_is_left_out_of_training(two_speakers, tmp_path):
     tokenizer = train.build_tokenizer(["seven"], vocab_size=50)
     processor = train.FusionProcessor(tokenizer)
     pools, validation = train.digits_data(args, processor, None)
-    assert not pools.waves  # every other clip is the test speaker's
+    assert not pools.waves  # the clips not given to nicolas are the test speaker's: none is left to train on
     assert sum(map(len, validation.waves.values())) == 50
     # 200 images: 40 are test images, a fifth of the other 160 validate.
     assert sum(map(len, validation.images.values())) == 32 and sum(map(len, pools.images.values())) == 128

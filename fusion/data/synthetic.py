@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import soundfile
 import torch
@@ -40,6 +41,7 @@ ESPEAK_VARIANTS = [
 ]
 # Festival voices (Debian: festival, festvox-kallpc16k, festvox-kdlpc16k, festvox-us-slt-hts): the diphone voices
 # are moved to several mean pitches; every voice is spoken at two or three durations.
+FESTIVAL_FOLDER = "/usr/share/festival/voices"  # holds LANGUAGE/VOICE folders
 FESTIVAL_VOICES = {
     "kal_diphone": ([90, 110, 130, 160], [0.9, 1.2]),
     "ked_diphone": ([90, 110, 130, 160], [0.9, 1.2]),
@@ -47,19 +49,28 @@ FESTIVAL_VOICES = {
 }
 
 
-def voices() -> list[tuple[str, str, list[str]]]:
-    """(speaker, program, arguments before the word) of every synthetic voice, whether or not it is installed;
-    the festival entries read the word from standard input."""
+class Voice(NamedTuple):
+    """One synthetic speaker: the program and its arguments before the word; `festival_voice` names the festival
+    voice it needs (each is its own Debian package)."""
+
+    speaker: str
+    program: str
+    arguments: list[str]
+    festival_voice: str | None = None
+
+
+def voices() -> list[Voice]:
+    """Every synthetic voice, whether or not its program is installed."""
     out = []
     for voice, pitch, speed in itertools.product(ESPEAK_VOICES, ESPEAK_PITCHES, ESPEAK_SPEEDS):
         speaker = f"tts-espeak-{voice.replace('+', '-')}-{pitch}-{speed}"
-        out.append((speaker, "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)]))
+        out.append(Voice(speaker, "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)]))
     draws = random.Random(0)
     for draw in range(ESPEAK_DRAWS):
         voice = f"{draws.choice(ESPEAK_ACCENTS)}+{draws.choice(ESPEAK_VARIANTS)}"
         pitch, speed = draws.randint(15, 95), draws.randint(100, 200)
-        out.append((f"tts-espeak-draw{draw}", "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)]))
-    out += [(f"tts-flite-{voice}", "flite", ["-voice", voice, "-t"]) for voice in FLITE_VOICES]
+        out.append(Voice(f"tts-espeak-draw{draw}", "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)]))
+    out += [Voice(f"tts-flite-{voice}", "flite", ["-voice", voice, "-t"]) for voice in FLITE_VOICES]
     for voice, (pitches, stretches) in FESTIVAL_VOICES.items():
         for pitch, stretch in itertools.product(pitches, stretches):
             settings = [f"(voice_{voice})", f"(Parameter.set 'Duration_Stretch {stretch})"]
@@ -67,17 +78,20 @@ def voices() -> list[tuple[str, str, list[str]]]:
                 settings.append(f"(set! int_lr_params '((target_f0_mean {pitch}) (target_f0_std {pitch // 6}) "
                                 "(model_f0_mean 170) (model_f0_std 34)))")
             speaker = f"tts-festival-{voice.split('_')[0]}-{pitch}-{stretch}"
-            out.append((speaker, "text2wave", [a for e in settings for a in ("-eval", e)]))
+            out.append(Voice(speaker, "text2wave", [a for e in settings for a in ("-eval", e)], voice))
     return out
 
 
-def _installed(program: str, arguments: list[str]) -> bool:
-    if not shutil.which(program):
-        return False
-    if program == "text2wave":  # each festival voice is its own Debian package
-        voice = arguments[1][len("(voice_"):-1]
-        return any(Path("/usr/share/festival/voices").glob(f"*/{voice}"))
-    return True
+def _speak(voice: Voice, word: str, path: Path) -> None:
+    """Write `word` in `voice` to `path`, stored at the model's rate. Each program takes the word its own way."""
+    if voice.program == "text2wave":
+        command, text = [voice.program, "-o", str(path), *voice.arguments], word.encode()
+    elif voice.program == "flite":
+        command, text = [voice.program, *voice.arguments, word, "-o", str(path)], None
+    else:
+        command, text = [voice.program, *voice.arguments, "-w", str(path), word], None
+    subprocess.run(command, input=text, check=True, capture_output=True, timeout=60)
+    _store_at_rate(path)
 
 
 def synthetic_clips(cache: str | Path) -> list[Clip]:
@@ -85,22 +99,18 @@ def synthetic_clips(cache: str | Path) -> list[Clip]:
     `tts-`."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
+    candidates = voices()
+    programs = {v.program for v in candidates if shutil.which(v.program)}
+    festival = {p.name for p in Path(FESTIVAL_FOLDER).glob("*/*")}
     clips = []
-    for speaker, program, arguments in voices():
-        if not _installed(program, arguments):
+    for voice in candidates:
+        if voice.program not in programs or (voice.festival_voice and voice.festival_voice not in festival):
             continue
         for digit, word in enumerate(DIGIT_WORDS):
-            path = cache / f"{digit}_{speaker}.wav"
+            path = cache / f"{digit}_{voice.speaker}.wav"
             if not path.is_file():
-                if program == "text2wave":
-                    command, text = [program, "-o", str(path), *arguments], word.encode()
-                elif program == "flite":
-                    command, text = [program, *arguments, word, "-o", str(path)], None
-                else:
-                    command, text = [program, *arguments, "-w", str(path), word], None
-                subprocess.run(command, input=text, check=True, capture_output=True, timeout=60)
-                _store_at_rate(path)
-            clips.append(Clip(path, digit, speaker))
+                _speak(voice, word, path)
+            clips.append(Clip(path, digit, voice.speaker))
     return clips
 
 
