@@ -80,9 +80,39 @@ def paired_examples(pools: dict, subset: tuple[str, ...], *, garbage: dict[str, 
     return examples
 
 
-def accuracy(pipeline: FusionPipeline, examples: list[dict], *, batch_size: int = 256) -> float:
+def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128) -> dict:
+    """`pools` with every audio feature (mel, frames) replaced by the audio encoder's output (T, E) for it, computed
+    once: evaluation pairs each clip with many images and phrases, and the encoder need not hear it each time.
+    The answers are the model's own (the same encoder, in eval mode, on the same features)."""
+    audio = pools.get("audio")
+    if not audio:
+        return pools
+    modality = pipeline.model.encoders["audio"]
+    encoder = modality.encoder
+    was_training = encoder.training
+    encoder.eval()
+    encoded: dict[int, list] = {}
+    try:
+        for label, features in audio.items():
+            states = []
+            for start in range(0, len(features), batch_size):
+                stacked = torch.stack(features[start : start + batch_size])
+                batch = {"audio_values": stacked, "audio_mask": torch.ones(len(stacked), dtype=torch.bool)}
+                inputs = pipeline.processor.model_inputs(batch)
+                with torch.inference_mode():
+                    values = inputs["audio_values"].to(pipeline.device, next(encoder.parameters()).dtype
+                                                       if pipeline.precision in ("fp16", "bf16") else torch.float32)
+                    states += list(modality.features(values)[0].cpu())
+            encoded[label] = states
+    finally:
+        encoder.train(was_training)
+    return dict(pools, audio=encoded)
+
+
+def accuracy(pipeline: FusionPipeline, examples: list[dict], *, batch_size: int = 256, audio_states: bool = False) -> float:
     """Share of `examples` answered right, in eval mode (in training mode, dropout would be on and BatchNorm
-    would learn the evaluation data's statistics); the model's mode is restored after."""
+    would learn the evaluation data's statistics); the model's mode is restored after. With `audio_states`, the
+    examples' audio is already the audio encoder's output (`encode_audio`)."""
     was_training = pipeline.model.training
     pipeline.model.eval()
     correct = 0
@@ -91,6 +121,8 @@ def accuracy(pipeline: FusionPipeline, examples: list[dict], *, batch_size: int 
             chunk = examples[start : start + batch_size]
             batch = collate(chunk, pipeline.processor)
             labels = batch.pop("labels")
+            if audio_states and "audio_values" in batch:
+                batch["audio_encoder_states"] = batch.pop("audio_values")
             logits = pipeline.forward(batch).logits.float().cpu()
             correct += int((logits.argmax(dim=-1) == labels).sum())
     finally:
@@ -102,21 +134,34 @@ def evaluate(pipeline: FusionPipeline, folder: str | Path, *, garbage: bool = Tr
     """Accuracy and count per modality subset found under `folder`; with `garbage`, also every three-modality
     example with one modality replaced by garbage (keys like `image+audio+text|noise image`). `n` maps each key
     to its number of examples."""
-    pools = load_pools(folder, pipeline)
+    pools = encode_audio(pipeline, load_pools(folder, pipeline))
     results: dict = {"n": {}}
     for key in SUBSET_KEYS:
         subset = tuple(key.split("+"))
         if all(m in pools for m in subset):
             examples = paired_examples(pools, subset)
-            results[key] = round(accuracy(pipeline, examples), 5)
+            results[key] = round(accuracy(pipeline, examples, audio_states=True), 5)
             results["n"][key] = len(examples)
     if garbage and all(m in pools for m in MODALITIES):
         noise = garbage_pools(pipeline)
+        noise["audio"] = encode_audio(pipeline, {"audio": {0: noise["audio"]}})["audio"][0]
         for modality, name in GARBAGE_KEYS.items():
             examples = paired_examples(pools, MODALITIES, garbage=noise, replace=modality)
             key = f"image+audio+text|{name}"
-            results[key] = round(accuracy(pipeline, examples), 5)
+            results[key] = round(accuracy(pipeline, examples, audio_states=True), 5)
             results["n"][key] = len(examples)
+    return results
+
+
+def evaluate_voices(pipeline: FusionPipeline, folder: str | Path) -> dict:
+    """Audio accuracy on every voice test set under `folder` (each `NAME/fsdd/*.wav`, as
+    `python -m fusion.data.heldout --voices` writes them), keyed `voices/NAME`, with counts under `n`."""
+    results: dict = {"n": {}}
+    for subfolder in sorted(p for p in Path(folder).iterdir() if (p / "fsdd").is_dir()):
+        found = evaluate(pipeline, subfolder, garbage=False)
+        if "audio" in found:
+            results[f"voices/{subfolder.name}"] = found["audio"]
+            results["n"][f"voices/{subfolder.name}"] = found["n"]["audio"]
     return results
 
 
@@ -149,7 +194,10 @@ def faithfulness(pipeline: FusionPipeline, folder: str | Path, *, count: int = 1
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder")
-    parser.add_argument("--data", required=True, help="folder with mnist/, fsdd/ and/or text.tsv")
+    parser.add_argument("--data", default=None, help="folder with mnist/, fsdd/ and/or text.tsv")
+    parser.add_argument("--voices", default=None,
+                        help="folder of voice test sets (NAME/fsdd/*.wav, from fusion.data.heldout --voices): audio "
+                        "accuracy on each")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp16", "bf16"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-garbage", action="store_true", help="skip the garbage-modality checks")
@@ -158,17 +206,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the explanation checks (deletion, attribution, cost) instead of accuracy")
     parser.add_argument("--count", type=int, default=100, help="items per modality for --faithfulness")
     args = parser.parse_args(argv)
-    if not Path(args.data).is_dir():
-        parser.error(f"--data {args.data!r} is not a folder")
+    if not args.data and not args.voices:
+        parser.error("give --data, --voices or both")
+    for name in ("data", "voices"):
+        if getattr(args, name) and not Path(getattr(args, name)).is_dir():
+            parser.error(f"--{name} {getattr(args, name)!r} is not a folder")
+    if args.faithfulness and not args.data:
+        parser.error("--faithfulness needs --data")
     torch.manual_seed(0)
     pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
     if args.faithfulness:
         results = faithfulness(pipeline, args.data, count=args.count)
         print(json.dumps(results) if args.json else json.dumps(results, indent=1))
         return 0
-    results = evaluate(pipeline, args.data, garbage=not args.no_garbage)
-    if not any(k in results for k in SUBSET_KEYS):
-        print(f"no evaluation data found under {args.data}", file=sys.stderr)
+    results = evaluate(pipeline, args.data, garbage=not args.no_garbage) if args.data else {"n": {}}
+    if args.voices:
+        voices = evaluate_voices(pipeline, args.voices)
+        results["n"].update(voices.pop("n"))
+        results.update(voices)
+    if len(results) == 1:
+        print(f"no evaluation data found under {args.data or args.voices}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(results))

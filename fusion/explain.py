@@ -165,8 +165,16 @@ def token_grid(encoder: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[
         return (0, *cache[tuple(input_shape)])
     if config.model_type == "audio-spectrogram-transformer":
         return (2, *encoder.embeddings.get_shape(config))
+    if config.model_type == "whisper":  # one token per two frames, each spanning every mel bin
+        return (0, 1, config.max_source_positions)
     side = config.image_size // config.patch_size
     return (1, side, side)
+
+
+def cell_gradients(encoder: torch.nn.Module) -> bool:
+    """Whether an encoder's token relevance is spread over its input cells by gradient × input: convolutional
+    encoders, whose tokens are coarse cells, and Whisper, whose tokens are whole columns of the spectrogram."""
+    return bool(getattr(encoder.config, "hidden_sizes", None)) or encoder.config.model_type == "whisper"
 
 
 def _grid_map(token_scores: torch.Tensor, encoder: torch.nn.Module, spatial: tuple[int, int], encoder_shape: tuple[int, ...]) -> torch.Tensor:
@@ -325,7 +333,7 @@ def explain_item(pipeline, batch: dict[str, Any], *, method: str = "relevance", 
         if modality == "audio" and encoder.main_input_name == "input_values":
             encoder_shape = (values.shape[-1], values.shape[-2])
         heat = _grid_map(scores, encoder, spatial, encoder_shape)
-        if ran == "relevance" and getattr(encoder.config, "hidden_sizes", None):
+        if ran == "relevance" and cell_gradients(encoder):
             # Within each token's cell, gradient × signal above the background says which pixels mattered.
             grad = input_grads[key][0].detach().float().cpu().reshape(values.shape)
             signal = values - values.min()

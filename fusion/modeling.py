@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import ModelOutput
 
 from .configuration import MODALITIES, FusionConfig
@@ -95,34 +96,44 @@ def encoder_width(config: PretrainedConfig) -> int:
     return config.hidden_size
 
 
+# Families whose `AutoModel` is an encoder-decoder: only their encoder is built.
+ENCODER_ONLY = {"whisper": WhisperEncoder}
+
+
 class ModalityEncoder(nn.Module):
-    """Any `AutoModel` encoder plus a projection of its tokens to the fusion width.
+    """Any `AutoModel` encoder (or the encoder of an encoder-decoder family such as Whisper) plus a projection of
+    its tokens to the fusion width.
 
     Convolutional encoders' feature maps become one token per spatial cell. Spectrograms arrive as
     (B, mel, frames) and are laid out as the encoder expects: (B, frames, mel) for an Audio Spectrogram
-    Transformer, a one-channel image (B, 1, mel, frames) for convolutional or vision encoders.
+    Transformer, as they are for Whisper, a one-channel image (B, 1, mel, frames) for convolutional or vision
+    encoders.
     """
 
     def __init__(self, config: PretrainedConfig, fusion_width: int):
         super().__init__()
         # Eager attention so that explanations can read (and differentiate) every encoder attention map;
         # these encoders are small, so the fused layers' SDPA path is where speed matters.
-        self.encoder = AutoModel.from_config(config, attn_implementation="eager")
+        if config.model_type in ENCODER_ONLY:
+            self.encoder = ENCODER_ONLY[config.model_type]._from_config(config, attn_implementation="eager")
+        else:
+            self.encoder = AutoModel.from_config(config, attn_implementation="eager")
         if getattr(self.encoder, "pooler", None) is not None and any(True for _ in self.encoder.pooler.parameters()):
             self.encoder.pooler = None  # unused, and unused parameters break distributed training
         self.projection = nn.Linear(encoder_width(config), fusion_width)
 
-    def forward(
-        self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None, output_attentions: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Returns tokens (B, T, F), their mask (B, T) and the encoder's attentions when asked and available."""
+    def features(
+        self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The encoder's token features (B, T, E) before the projection, and its attentions when asked and
+        available. Spectrograms (B, mel, frames) are laid out as the encoder expects."""
         main_input = self.encoder.main_input_name
         kwargs = {}
         if main_input == "input_ids":
             kwargs["attention_mask"] = attention_mask
         elif inputs.dim() == 3 and main_input == "input_values":
             inputs = inputs.transpose(1, 2)  # (B, frames, mel)
-        elif inputs.dim() == 3:
+        elif inputs.dim() == 3 and main_input != "input_features":  # Whisper reads (B, mel, frames) as given
             inputs = inputs.unsqueeze(1)  # (B, 1, mel, frames)
         if output_attentions and self.encoder.config._attn_implementation == "eager":
             kwargs["output_attentions"] = True
@@ -130,10 +141,23 @@ class ModalityEncoder(nn.Module):
         features = outputs.last_hidden_state
         if features.dim() == 4:
             features = features.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        return features, getattr(outputs, "attentions", None)
+
+    def forward(
+        self, inputs: torch.Tensor, *, attention_mask: torch.Tensor | None, output_attentions: bool,
+        precomputed: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Returns tokens (B, T, F), their mask (B, T) and the encoder's attentions when asked and available.
+
+        With `precomputed`, `inputs` are already `features(...)` of the input (B, T, E): training with a frozen
+        encoder computes them once per clip instead of once per step, and evaluation once per clip.
+        """
+        features, attentions = (inputs, None) if precomputed else self.features(
+            inputs, attention_mask=attention_mask, output_attentions=output_attentions)
         tokens = self.projection(features)  # (B, T, F)
         if attention_mask is None:
             attention_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return tokens, attention_mask.bool(), getattr(outputs, "attentions", None)
+        return tokens, attention_mask.bool(), attentions
 
 
 @dataclass
@@ -260,6 +284,8 @@ class FusionModel(FusionPreTrainedModel):
         for modality, source in sources.items():
             if source:
                 pretrained = AutoModel.from_pretrained(source)
+                if model.config.modality_config(modality).model_type in ENCODER_ONLY:
+                    pretrained = pretrained.get_encoder()  # e.g. Whisper: the encoder of a speech recogniser
                 missing, unexpected = model.encoders[modality].encoder.load_state_dict(pretrained.state_dict(), strict=False)
                 if missing:
                     raise ValueError(f"the {modality} encoder at {source!r} lacks weights the model needs: {missing[:5]}")
@@ -276,6 +302,7 @@ class FusionModel(FusionPreTrainedModel):
         audio_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_attentions: bool = False,
+        audio_encoder_states: torch.Tensor | None = None,
     ) -> FusionOutput:
         """
         Args:
@@ -286,8 +313,12 @@ class FusionModel(FusionPreTrainedModel):
                 tensor is given without its mask, every item carries it.
             labels (`(B,)` long): class indices, for the loss.
             output_attentions (`bool`): use the explicit attention path and return every attention map.
+            audio_encoder_states (`(B, T, E)`): the audio encoder's output, in place of `audio_values`, when it was
+                computed beforehand (training with a frozen audio encoder caches it per clip).
         """
-        inputs = {"image": pixel_values, "text": input_ids, "audio": audio_values}
+        if audio_encoder_states is not None and audio_values is not None:
+            raise ValueError("give audio_values or audio_encoder_states, not both")
+        inputs = {"image": pixel_values, "text": input_ids, "audio": audio_values if audio_encoder_states is None else audio_encoder_states}
         presence = {"image": image_mask, "text": text_mask, "audio": audio_mask}
         batch = next((x.shape[0] for x in inputs.values() if x is not None), None)
         if batch is None:
@@ -310,7 +341,8 @@ class FusionModel(FusionPreTrainedModel):
                 text_attention = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
                 text_attention = text_attention.to(device)[rows]
             tokens, token_mask, attentions = self.encoders[modality](
-                values.to(device)[rows], attention_mask=text_attention, output_attentions=output_attentions
+                values.to(device)[rows], attention_mask=text_attention, output_attentions=output_attentions,
+                precomputed=modality == "audio" and audio_encoder_states is not None,
             )
             tokens = tokens + self.modality_embeddings.weight[index]
             # Scatter the encoded items back into the batch; the other items' slots stay masked out.

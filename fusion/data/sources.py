@@ -99,9 +99,11 @@ def mnist_split(count: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-def write_heldout(data: str | Path, out: str | Path, *, phrases_count: int = 2000, limit: int | None = None) -> Path:
-    """Write the held-out evaluation folder: unseen MNIST images, the held-out speaker's clips, and
-    validation-template phrases. `limit` caps each modality (for a small test sample)."""
+def write_heldout(data: str | Path, out: str | Path, *, phrases_count: int = 2000, limit: int | None = None,
+                  speaker: str = HELD_OUT_SPEAKER) -> Path:
+    """Write the held-out evaluation folder: unseen MNIST images, the held-out speaker's clips (`speaker`: another
+    one for leave-one-speaker-out runs), and validation-template phrases. `limit` caps each modality (for a small
+    test sample)."""
     data, out = Path(data), Path(out)
     (out / "mnist").mkdir(parents=True, exist_ok=True)
     (out / "fsdd").mkdir(exist_ok=True)
@@ -111,7 +113,7 @@ def write_heldout(data: str | Path, out: str | Path, *, phrases_count: int = 200
         held = held[:limit]
         write_idx(out / "mnist" / "images-idx3-ubyte.gz", mnist[0][held])
         write_idx(out / "mnist" / "labels-idx1-ubyte.gz", mnist[1][held])
-    clips = [c for c in list_fsdd(data) if c.speaker == HELD_OUT_SPEAKER]
+    clips = [c for c in list_fsdd(data) if c.speaker == speaker]
     if limit:
         per_digit = max(1, limit // 20)  # clips are the bulk of a sample: half as many as images
         clips = [c for d in range(10) for c in [c for c in clips if c.label == d][:per_digit]]

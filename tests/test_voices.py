@@ -1,0 +1,112 @@
+"""Hearing any voice: waveform augmentations, the cached bank of frozen-encoder states, the voice splits and the
+microphone-style recordings the voice test sets are made of."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fusion import FusionModel
+from fusion.data import synthetic
+from fusion.data.audio_bank import audio_bank, encode_waves
+from fusion.data.heldout import microphone_recording
+from fusion.data.voice_augment import VoiceAugment, pitch_shift, surround, time_stretch
+from fusion.processing import AudioSettings, FusionProcessor
+from fusion.speech import WHISPER_AUDIO_SETTINGS
+from fusion.train import tiny_whisper_config
+
+from .conftest import tiny_config
+
+RATE = 16000
+
+
+def peak_frequency(wave: np.ndarray, rate: int = RATE) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return float(np.argmax(spectrum) * rate / len(wave))
+
+
+def sine(frequency: float, seconds: float = 0.5) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * frequency * np.arange(int(seconds * RATE)) / RATE)).astype(np.float32)
+
+
+@pytest.mark.parametrize("semitones", [4, 7, -3])
+def test_pitch_shift_moves_the_pitch_and_keeps_the_length(semitones):
+    wave = sine(220)
+    shifted = pitch_shift(wave, semitones, RATE)
+    assert len(shifted) == len(wave)
+    expected = 220 * 2 ** (semitones / 12)
+    assert abs(peak_frequency(shifted) - expected) < 0.03 * expected
+
+
+def test_time_stretch_keeps_the_pitch():
+    stretched = time_stretch(sine(300), int(0.7 * RATE))
+    assert len(stretched) == int(0.7 * RATE)
+    assert abs(peak_frequency(stretched) - 300) < 10
+
+
+def test_surround_adds_quiet_and_noise_around_the_word():
+    wave = sine(300, 0.4)
+    out = surround(wave, random.Random(1), RATE, snr_db=20)
+    assert len(wave) <= len(out) <= len(wave) + 2 * RATE
+    assert np.abs(out).max() > 0.4 and np.std(out[:200] if len(out) > len(wave) + 200 else out) > 0
+
+
+def test_variants_are_the_same_for_the_same_seed():
+    augment, wave = VoiceAugment(), sine(250)
+    first = [augment.waveform(wave, random.Random(f"clip-{i}"), RATE) for i in range(5)]
+    again = [augment.waveform(wave, random.Random(f"clip-{i}"), RATE) for i in range(5)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert any(not np.array_equal(first[0], other) for other in first[1:])
+
+
+def test_microphone_recording_is_48k_with_a_second_of_noise_each_side():
+    clip = sine(200, 0.5)
+    recording = microphone_recording(clip, RATE, seed=0)
+    assert len(recording) == 48000 + 24000 + 48000
+    speech_power = np.mean(recording[48000:72000] ** 2)
+    noise_power = np.mean(recording[:48000] ** 2)
+    assert 15 < 10 * np.log10(speech_power / noise_power) < 25
+
+
+@pytest.fixture()
+def whisper_processor(tokenizer):
+    processor = FusionProcessor(tokenizer)
+    processor.settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
+    return FusionProcessor(tokenizer, processor.settings)
+
+
+def test_bank_holds_the_clean_clip_first_and_reuses_its_cache(whisper_processor, tmp_path):
+    torch.manual_seed(0)
+    encoder = FusionModel(tiny_config(audio_config=tiny_whisper_config())).encoders["audio"].eval()
+    pool = {3: [sine(180), sine(260)], 5: [sine(330)]}
+    bank = audio_bank(encoder, whisper_processor, pool, variants=3, augment=VoiceAugment(), seed=0, cache=tmp_path)
+    assert sorted(bank) == [3, 5] and len(bank[3]) == 2
+    assert bank[3][0].shape == (3, 50, 16) and bank[3][0].dtype == torch.float16
+    with torch.no_grad():
+        features = whisper_processor.audio_features((RATE, pool[3][0]))[0]
+        clean = encoder.features(features[None])[0][0]
+    assert torch.allclose(bank[3][0][0].float(), clean, atol=1e-2)  # variant 0: as recorded
+    assert not torch.allclose(bank[3][0][1].float(), clean, atol=1e-2)  # the others are augmented
+    assert len(list((tmp_path / "audio-states").glob("*.npy"))) == 3
+    again = encode_waves(encoder, whisper_processor, pool[3], variants=3, augment=VoiceAugment(), seed=0, cache=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(again, bank[3]))
+
+
+def test_validation_voices_share_no_variant_with_training_voices():
+    voices = synthetic.voices()
+    train = [v for v in voices if v.split == "train"]
+    validation = [v for v in voices if v.split == "validation"]
+    assert {v.language for v in train} == {"en", "de", "fr", "es", "zh"}
+    assert {v.language for v in validation} == {"en", "de", "fr", "es", "zh"}
+    assert all(v.program == "text2wave" for v in validation if v.language == "en")  # a whole engine held out
+    assert not any(v.program == "text2wave" for v in train)
+
+    def variant(voice):
+        return voice.arguments[1].split("+")[1] if "+" in voice.arguments[1] else None
+
+    assert {variant(v) for v in validation if v.program == "espeak-ng"} <= set(synthetic.VALIDATION_VARIANTS)
+    assert not {variant(v) for v in train if v.program == "espeak-ng"} & set(synthetic.VALIDATION_VARIANTS)
+    assert next(v for v in train if v.language == "zh").words[7] == "七"
+    with pytest.raises(ValueError, match="split must be"):
+        synthetic.synthetic_clips("unused", split="test")
