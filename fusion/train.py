@@ -306,7 +306,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "validation-template phrases out of training and validate on them every few epochs, so "
                         "that epochs, seeds and recipes are chosen without the test data (evaluated once, at the "
                         "end); without it the per-epoch log shows the test data")
-    parser.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and after the last)")
+    parser.add_argument("--eval-every", type=int, default=5, help="validate every N epochs (and after the last); 0: never")
+    parser.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=True,
+                        help="digits task: evaluate the test data at the end, into training_log.json")
     parser.add_argument("--heldout-speaker", default=HELD_OUT_SPEAKER,
                         help=f"digits task: the FSDD speaker kept out of training and tested at the end (default "
                         f"{HELD_OUT_SPEAKER}; another one for leave-one-speaker-out runs)")
@@ -398,7 +400,9 @@ def main(argv: list[str] | None = None) -> dict:
     objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
 
     pipeline = FusionPipeline(accelerator.unwrap_model(objective).model, processor, precision="fp32", name=Path(args.out).name)
-    eval_pools = validation_pools(val_pools, pipeline) if val_pools is not None else load_pools(heldout_dir, pipeline)
+    eval_pools = None
+    if args.eval_every:
+        eval_pools = validation_pools(val_pools, pipeline) if val_pools is not None else load_pools(heldout_dir, pipeline)
 
     history = []
     for epoch in range(args.epochs):
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4), "seconds": round(time.perf_counter() - started, 1)}
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             if accelerator.is_main_process:
                 entry["val"] = validate(pipeline, eval_pools)
         history.append(entry)
@@ -432,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
         pipeline.model.save_pretrained(out)
         processor.save_pretrained(out)
         (out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
-        if heldout_dir is not None:
+        if heldout_dir is not None and args.final_eval:
             summary["heldout"] = evaluate(pipeline, heldout_dir)
             (out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
         log(f"saved {out} after {summary['seconds']} s")

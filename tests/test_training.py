@@ -252,3 +252,10 @@ def test_evaluation_with_audio_encoded_once_matches_the_plain_forward(tiny_check
         encoded = pipeline.forward({k: v for k, v in states.items() if k != "labels"}).logits
     torch.testing.assert_close(plain, encoded, rtol=1e-4, atol=1e-5)
     assert evaluate_cli.accuracy(pipeline, cached, audio_states=True) == evaluate_cli.accuracy(pipeline, examples)
+
+
+def test_training_can_skip_validation_and_the_final_evaluation(tmp_path):
+    summary = train.main(["--data", str(SAMPLE), "--out", str(tmp_path / "quiet"), "--epochs", "1",
+                          "--examples-per-epoch", "64", *TINY[:-2], "--eval-every", "0", "--no-final-eval"])
+    assert "heldout" not in summary and "val" not in summary["history"][-1]
+    assert (tmp_path / "quiet" / "model.safetensors").is_file()
