@@ -47,9 +47,14 @@ def test_time_stretch_keeps_the_pitch():
 
 def test_surround_adds_quiet_and_noise_around_the_word():
     wave = sine(300, 0.4)
-    out = surround(wave, random.Random(1), RATE, snr_db=20)
-    assert len(wave) <= len(out) <= len(wave) + 2 * RATE
-    assert np.abs(out).max() > 0.4 and np.std(out[:200] if len(out) > len(wave) + 200 else out) > 0
+    rng = random.Random(1)
+    before = int(random.Random(1).uniform(0, 1.0) * RATE)  # surround's first draw: the silence before the word
+    out = surround(wave, rng, RATE, snr_db=20)
+    assert len(wave) + before <= len(out) <= len(wave) + 2 * RATE and before > 1000
+    noise_power, speech_power = np.mean(out[:before] ** 2), np.mean(wave.astype(np.float64) ** 2)
+    assert 18 < 10 * np.log10(speech_power / noise_power) < 22  # noise 20 dB under the speech, before it too
+    residual = out[before : before + len(wave)] - wave  # the word is where it was, under the same noise
+    assert 18 < 10 * np.log10(speech_power / np.mean(residual.astype(np.float64) ** 2)) < 22
 
 
 def test_variants_are_the_same_for_the_same_seed():

@@ -26,12 +26,12 @@ RECIPE_VERSION = 2  # bump when VoiceAugment or the variant recipe changes, so o
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
-    """A short hash of an encoder's weights."""
+    """A short hash of all of an encoder's weights: two encoders that differ anywhere never share cache files."""
     digest = hashlib.sha1()
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
         digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
