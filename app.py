@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
+import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import gradio as gr
+import torch
+from gradio.utils import get_upload_folder
 
 from fusion import FusionInputError, FusionPipeline
 from fusion.explain import METHODS
@@ -36,8 +43,9 @@ EXAMPLES = ROOT / "assets" / "examples"
 MAX_FILE_SIZE = "10mb"
 QUEUE_SIZE = 64
 CONCURRENCY = 2
-OUTPUTS = Path(tempfile.gettempdir()) / f"fusion-outputs-{os.getpid()}"
+OUTPUTS_PREFIX = "fusion-outputs-"
 KEEP_OUTPUTS_S = 3600
+PRUNE_PER_FOLDER = 2
 AVERAGE = "average"
 log = logging.getLogger("fusion.app")
 
@@ -53,6 +61,7 @@ I18N = gr.I18n(
         "fusion_text_relevance": "Word relevance", "fusion_contributions": "Each modality", "fusion_subsets": "Every subset of modalities",
         "fusion_attention": "Attention between modalities", "fusion_download": "Download the explanation (JSON and PNGs)",
         "fusion_examples": "Examples", "fusion_placeholder": "seven, 七, sieben, 3 plus 4, VII …",
+        "fusion_export": "Prepare the download",
     },
     zh={
         "fusion_intro": "输入手写数字、短语和语音数字中的任意组合。模型回答你指的是哪个数字，并说明原因：图像、频谱图和文字上的相关性，"
@@ -64,6 +73,7 @@ I18N = gr.I18n(
         "fusion_text_relevance": "词语相关性", "fusion_contributions": "各模态贡献", "fusion_subsets": "模态的每种子集",
         "fusion_attention": "模态之间的注意力", "fusion_download": "下载解释（JSON 和 PNG）",
         "fusion_examples": "示例", "fusion_placeholder": "seven、七、sieben、3 plus 4、VII …",
+        "fusion_export": "准备下载",
     },
 )
 
@@ -107,13 +117,15 @@ def _choice_index(choice: str | None) -> int | None:
 
 
 def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", alpha=0.5, layer=AVERAGE, head=AVERAGE):
-    """The main event: one explained prediction, as every output component wants it."""
+    """The main event: one explained prediction, as every output component wants it. The download is cleared:
+    `export` builds it when asked for."""
     image = image if _has_drawing(image) else None
     text = text if isinstance(text, str) and text.strip() else None
     if image is None and text is None and audio is None:
         raise gr.Error("Nothing to answer: draw or upload an image, type a text, or record or upload audio.")
     if method not in METHODS:
         raise gr.Error(f"Unknown explanation method {method!r}; choose one of {', '.join(METHODS)}.")
+    clock = StageClock()
     try:
         prediction = pipeline(image=image, text=text, audio=audio, explain=True, method=method)
     except FusionInputError as error:
@@ -121,20 +133,19 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
     except Exception:  # keep serving; the log has the details
         log.exception("prediction failed")
         raise gr.Error("The model failed on this input; the error was logged. Try another input.") from None
+    clock.mark("pipeline")
     # Decoded once here; opacity and layer changes redraw from it.
     state = {"prediction": prediction, "image": base_image(image) if image is not None else None}
     shown = draw(state, alpha, layer, head)
-    folder = output_folder()
-    pictures = save(shown, folder)
+    clock.mark("draw")
+    pictures = save(shown, FOLDERS.new())
+    clock.mark("save")
     explanation = prediction.explanation
     rows = [[m, round(explanation.modality_shares.get(m, 0.0), 3), round(explanation.shapley.get(m, 0.0), 3),
              f"{explanation.counterfactuals[m][0]} ({explanation.counterfactuals[m][1]:.0%})"]
             for m in prediction.modalities]
     subsets = [[key, label, round(confidence, 3)] for key, (label, confidence) in explanation.counterfactuals.items()]
-    # The zip holds the pictures as first shown; the heatmaps without overlay are drawn for it.
-    download = export_zip(prediction, folder / "explanation.zip", image=state["image"],
-                          drawn={name: data for name, data in shown.items() if data is not None})
-    return (
+    answer = (
         {label: p for label, p in prediction.top(len(prediction.probs))},
         *pictures[:2],
         explanation.text_heatmap,
@@ -142,31 +153,121 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
         subsets,
         notice(prediction),
         pictures[2],
-        str(download),
+        None,
         state,
     )
+    clock.mark("tables")
+    clock.record("predict")
+    return answer
 
 
-def output_folder() -> Path:
-    """A fresh folder for one answer's files; folders older than `KEEP_OUTPUTS_S` go as new ones are made.
+def export(state: dict | None, alpha: float, layer: str, head: str) -> str:
+    """The explanation as a zip (JSON and PNGs, the pictures as the viewer sees them now), built on request."""
+    if not state:
+        raise gr.Error("Nothing to download yet: press Predict first.")
+    shown = draw(state, alpha, layer, head)
+    path = export_zip(state["prediction"], FOLDERS.new() / "explanation.zip", image=state["image"],
+                      drawn={name: data for name, data in shown.items() if data is not None})
+    return str(path)
+
+
+class StageClock:
+    """Wall and CPU milliseconds of a request's stages, appended as one JSON line to the file named by the
+    `FUSION_TIMINGS` environment variable (used by `fusion.bench`), and nothing otherwise. CPU time is the
+    calling thread's: with `torch.set_num_threads(1)` (see `main`) the model's work runs in it."""
+
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        self._first = (self._wall, self._cpu)
+
+    def mark(self, stage: str) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self.wall[stage], self.cpu[stage] = (wall - self._wall) * 1000, (cpu - self._cpu) * 1000
+        self._wall, self._cpu = wall, cpu
+
+    def record(self, event: str) -> None:
+        path = os.environ.get("FUSION_TIMINGS")
+        if not path:
+            return
+        self.wall["total"] = (self._wall - self._first[0]) * 1000
+        self.cpu["total"] = (self._cpu - self._first[1]) * 1000
+        line = json.dumps({"event": event, "wall_ms": self.wall, "cpu_ms": self.cpu})
+        with self._lock, open(path, "a", encoding="utf-8") as file:
+            file.write(line + "\n")
+
+
+class AnswerFolders:
+    """Fresh folders for answers' files under `root`, each removed once it is older than `keep_s`.
 
     Gradio copies returned files into its own cache (emptied by `delete_cache`), so these are only staging.
     Pictures are returned as files rather than arrays: Gradio rewrites an array's cached file in place when two
     answers are identical, and a visitor could be sent a half-written picture (seen with 16 clients sending the
     same input), whereas a file is copied into its cache atomically.
+
+    The folders are remembered in the order they were made, so a new one looks only at the oldest and removes
+    at most `PRUNE_PER_FOLDER` of them: a request costs the same with 20,000 earlier answers as with none (the
+    folder of the directory is never listed), and removal keeps pace because it outruns creation. The whole
+    root goes at exit (`atexit`, which SIGTERM reaches through `main`).
     """
-    OUTPUTS.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for old in OUTPUTS.iterdir():
-        try:
-            if now - old.stat().st_mtime > KEEP_OUTPUTS_S:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:  # removed by a concurrent call
-            pass
-    return Path(tempfile.mkdtemp(dir=OUTPUTS))
+
+    def __init__(self, root: Path, keep_s: float = KEEP_OUTPUTS_S, clock=time.monotonic):
+        self.root, self.keep_s, self.clock = root, keep_s, clock
+        self._made: deque[tuple[float, Path]] = deque()
+        self._lock = threading.Lock()
+        self._cleanup_registered = False
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def new(self) -> Path:
+        now = self.clock()
+        expired = []
+        with self._lock:
+            while self._made and len(expired) < PRUNE_PER_FOLDER and now - self._made[0][0] > self.keep_s:
+                expired.append(self._made.popleft()[1])
+            if not self._cleanup_registered:
+                atexit.register(self.remove_all)
+                self._cleanup_registered = True
+            self.root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(dir=self.root))
+            self._made.append((now, folder))
+        for old in expired:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def remove_all(self) -> None:
+        with self._lock:
+            self._made.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-atexit.register(shutil.rmtree, OUTPUTS, ignore_errors=True)
+def remove_orphaned_outputs(parent: Path) -> int:
+    """Remove the answer folders of earlier app processes that no longer run (killed without cleaning up); once,
+    at start-up. Returns how many were removed."""
+    removed = 0
+    for folder in parent.glob(f"{OUTPUTS_PREFIX}*"):
+        pid = folder.name[len(OUTPUTS_PREFIX):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+FOLDERS = AnswerFolders(Path(tempfile.gettempdir()) / f"{OUTPUTS_PREFIX}{os.getpid()}")
 
 
 def draw(state: dict, alpha: float, layer: str, head: str) -> dict[str, bytes | None]:
@@ -196,7 +297,11 @@ def render(state: dict | None, alpha: float, layer: str, head: str):
     """Redraw for a changed opacity, layer or head: paths of the image overlay, spectrogram and attention."""
     if not state:
         return None, None, None
-    return save(draw(state, alpha, layer, head), output_folder())
+    clock = StageClock()
+    paths = save(draw(state, alpha, layer, head), FOLDERS.new())
+    clock.mark("redraw")
+    clock.record("render")
+    return paths
 
 
 def notice(prediction) -> str:
@@ -256,6 +361,7 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
                     layer = gr.Dropdown(layers, value=AVERAGE, label=I18N("fusion_layer"))
                     head = gr.Dropdown(heads, value=AVERAGE, label=I18N("fusion_head"))
                 attention = gr.Image(label=I18N("fusion_attention"), type="filepath", elem_id="attention")
+                prepare = gr.Button(I18N("fusion_export"), elem_id="export")
                 download = gr.File(label=I18N("fusion_download"), elem_id="download")
         rows = example_rows()
         if rows:
@@ -265,6 +371,7 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
         outputs = [label, image_out, audio_out, words, shares, subsets, summary, attention, download, state]
         submit.click(lambda *a: predict(pipeline, *a), [image, text, audio, method, alpha, layer, head], outputs,
                      api_name="predict", show_progress="full")
+        prepare.click(export, [state, alpha, layer, head], download, api_name="export", show_progress="minimal")
         for control in (alpha, layer, head):
             control.change(render, [state, alpha, layer, head], [image_out, audio_out, attention], api_name=False,
                            show_progress="hidden")
@@ -292,24 +399,108 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class GradioFiles:
+    """Gradio's cached copies of this app's files (answers, uploads, examples), removed with their folders when
+    the app stops. Gradio's own shutdown spares the examples and leaves each file's folder (named by its hash),
+    and is skipped when its server takes longer than its five-second wait to close; the folders are noted when
+    the stop is asked for (`note_folders`), before Gradio forgets the files it removes."""
+
+    def __init__(self):  # before the demo is built, to see whether Gradio's history folder was there already
+        self.demo: gr.Blocks | None = None
+        self.folders: set[Path] = set()
+        self.history = Path(get_upload_folder()) / "vibe_edit_history"  # an empty folder every Gradio app makes
+        self.history_existed = self.history.exists()
+
+    def _files(self) -> set[Path]:
+        if self.demo is None:
+            return set()
+        paths = {Path(p) for files in self.demo.temp_file_sets for p in files}
+        return paths | {Path(p) for block in self.demo.blocks.values() for p in getattr(block, "keep_in_cache", ())}
+
+    def note_folders(self) -> None:
+        self.folders |= {path.parent for path in self._files()}
+
+    def remove(self) -> int:
+        """Delete the files and their folders (where empty); returns how many files went."""
+        removed = 0
+        files = self._files()
+        for path in files:
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        for folder in self.folders | {path.parent for path in files} | ({self.history} if not self.history_existed else set()):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another app's file of the same content) or gone
+                pass
+        return removed
+
+
+def tune_for_serving(concurrency: int) -> None:
+    """Process settings for serving `concurrency` predictions at once; call before `build_demo`.
+
+    - Each prediction gets its share of the cores: more torch threads than cores spin and slow every request,
+      and one prediction gains little from a second thread.
+    - Gradio recomputes its per-function latency summary (a pandas table over up to 10,000 stored events) after
+      every event by default; every 100 events costs a hundredth of that, and keeping 1,000 events bounds the
+      memory they take. Set in the environment beforehand to choose otherwise.
+    - glibc gives each thread that allocates its own memory arena, which the worker threads grow and rarely
+      return; two arenas keep resident memory flat under load at no measured cost in speed.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // concurrency))
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "100")
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def _stop_on_signals(files: GradioFiles) -> None:
+    """SIGTERM ends the app as Ctrl-C does: Gradio closes its server, `main` removes Gradio's copies of the app's
+    files, and `atexit` the answer folders."""
+
+    def stop(signum, frame):
+        files.note_folders()
+        raise KeyboardInterrupt
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    removed = remove_orphaned_outputs(FOLDERS.root.parent)
+    if removed:
+        log.info("removed the answer folders of %d app processes that had stopped without cleaning up", removed)
+    tune_for_serving(args.concurrency)
+    files = GradioFiles()
     log.info("loading %s …", args.model)
     pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
-    log.info("ready: %s", pipeline.description)
+    log.info("ready: %s, %d torch threads", pipeline.description, torch.get_num_threads())
     demo = build_demo(pipeline)
     # A full queue answers at once with Gradio's "Queue is full! Please try again." instead of a long wait.
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
-    demo.launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
-        server_port=args.port,
-        share=args.share,
-        auth=tuple(args.auth.split(":", 1)) if args.auth else None,
-        max_file_size=MAX_FILE_SIZE,
-        show_error=True,
-        i18n=I18N,
-    )
+    files.demo = demo
+    _stop_on_signals(files)
+    try:
+        demo.launch(
+            server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
+            server_port=args.port,
+            share=args.share,
+            auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+            max_file_size=MAX_FILE_SIZE,
+            show_error=True,
+            i18n=I18N,
+        )
+    finally:  # Ctrl-C or SIGTERM
+        demo.close(verbose=False)
+        log.info("stopped; removed %d cached files", files.remove())
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,60 +105,188 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def through_the_app(model: str, *, requests: int, clients: int) -> dict:
-    """Start `app.py`, time its cold start until it answers, then 1 client and `clients` concurrent clients."""
-    from gradio_client import Client, handle_file
+def _sketch(path: str) -> dict:
+    """What the app's sketchpad sends for an uploaded picture."""
+    from gradio_client import handle_file
 
-    port = free_port()
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", model, "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    try:
-        client = None
-        while client is None:
-            if process.poll() is not None:
-                raise RuntimeError("the app exited during start-up")
-            if time.perf_counter() - started > 180:
-                raise RuntimeError("the app did not answer within 180 s")
+    return {"background": handle_file(path), "layers": [], "composite": None}
+
+
+class _Server:
+    """`app.py` (or the framework-floor server) in a subprocess with its own temporary folders, so that what it
+    leaves behind can be checked after it is stopped by SIGTERM."""
+
+    def __init__(self, command: list[str], workdir: Path):
+        self.workdir = workdir
+        self.temp = workdir / "tmp"
+        self.gradio_temp = workdir / "gradio"
+        self.timings = workdir / "timings.jsonl"
+        for folder in (self.temp, self.gradio_temp):
+            folder.mkdir(parents=True)
+        self.port = free_port()
+        env = {**os.environ, "TMPDIR": str(self.temp), "GRADIO_TEMP_DIR": str(self.gradio_temp),
+               "FUSION_TIMINGS": str(self.timings), "GRADIO_ANALYTICS_ENABLED": "False"}
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen([*command, "--port", str(self.port)], env=env, cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ps = psutil.Process(self.process.pid)
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def client(self):
+        """A `gradio_client.Client` that makes one SSL context for all its calls (the stock client makes one per
+        HTTP call, which costs more CPU than the app's own work) and downloads into the work folder."""
+        from gradio_client import Client
+
+        downloads = Path(tempfile.mkdtemp(dir=self.workdir, prefix="downloads-"))
+        return Client(self.url, verbose=False, ssl_verify=_SSL, download_files=str(downloads),
+                      analytics_enabled=False)
+
+    def wait(self, timeout: float = 180.0):
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited during start-up (code {self.process.returncode})")
+            if time.perf_counter() - self.started > timeout:
+                raise RuntimeError(f"the server did not answer within {timeout:.0f} s")
             try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                return self.client()
             except Exception:
                 time.sleep(0.25)
-        def call(c):
-            start = time.perf_counter()
-            c.predict({"background": handle_file(ITEM["image"]), "layers": [], "composite": None}, ITEM["text"],
-                      handle_file(ITEM["audio"]), "relevance", 0.5, "average", "average", api_name="/predict")
-            return time.perf_counter() - start
 
-        call(client)
-        cold_start = time.perf_counter() - started
-        single = [call(client) for _ in range(requests)]
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used so far, all its threads."""
+        times = self.ps.cpu_times()
+        return times.user + times.system
 
-        def one_client(_):
-            # Every client sends the same example, as visitors clicking one example row do: identical answers
-            # at once are the case that once made Gradio serve a half-rewritten output file.
-            own = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            times, errors = [], []
-            for _ in range(requests):
-                try:
-                    times.append(call(own))
-                except Exception as error:
-                    errors.append(f"{type(error).__name__}: {error}"[:300])
-            return times, errors
+    def rss_mb(self) -> float:
+        return self.ps.memory_info().rss / 2**20
 
-        with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(one_client, range(clients)))
-        concurrent = [t for times, _ in results for t in times]
-        return {
-            "cold_start_s": round(cold_start, 2),
-            "one_client": percentiles(single),
-            f"{clients}_clients": {**percentiles(concurrent), "requests": clients * requests,
-                                   "errors": sum(len(e) for _, e in results),
-                                   "error_messages": sorted({m for _, e in results for m in e})[:5]},
-        }
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    def stage_records(self) -> list[dict]:
+        if not self.timings.is_file():
+            return []
+        return [json.loads(line) for line in self.timings.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> dict:
+        """SIGTERM, as a process manager stops it; the exit code and what it left in its temporary folders."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        left = [p for folder in (self.temp, self.gradio_temp) for p in folder.rglob("*")]
+        return {"exit_code": code, "left_in_temp": len(left),
+                "left_in_temp_mb": round(sum(p.stat().st_size for p in left if p.is_file()) / 2**20, 2)}
+
+
+_SSL = ssl.create_default_context()
+
+
+def _call(client) -> float:
+    from gradio_client import handle_file
+
+    start = time.perf_counter()
+    client.predict(_sketch(ITEM["image"]), ITEM["text"], handle_file(ITEM["audio"]), "relevance", 0.5, "average",
+                   "average", api_name="/predict")
+    return time.perf_counter() - start
+
+
+def _load(server: _Server, clients: int, requests: int) -> dict:
+    """`clients` clients at once, each sending `requests` explained predictions of the same example (as visitors
+    clicking one example row do): requests/s, latency, errors, and the server's CPU per request."""
+    own = [server.client() for _ in range(clients)]
+
+    def run(client):
+        times, errors = [], []
+        for _ in range(requests):
+            try:
+                times.append(_call(client))
+            except Exception as error:
+                errors.append(f"{type(error).__name__}: {error}"[:300])
+        return times, errors
+
+    cpu, start = server.cpu_s(), time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(run, own))
+    wall, cpu = time.perf_counter() - start, server.cpu_s() - cpu
+    times = [t for t, _ in results for t in t]
+    done = len(times)
+    return {**(percentiles(times) if times else {}), "requests": clients * requests,
+            "errors": sum(len(e) for _, e in results), "error_messages": sorted({m for _, e in results for m in e})[:5],
+            "requests_per_s": round(done / wall, 2), "server_cpu_ms_per_request": round(cpu / max(done, 1) * 1000, 1)}
+
+
+def _stages(records: list[dict]) -> dict:
+    """p50 of the app's own per-request stage timings (wall and CPU ms), from `FUSION_TIMINGS` lines."""
+    if not records:
+        return {}
+    out = {}
+    for kind in ("wall_ms", "cpu_ms"):
+        names = records[0].get(kind, {})
+        out[kind] = {name: round(float(np.median([r[kind][name] for r in records if name in r.get(kind, {})])), 2)
+                     for name in names}
+    return out
+
+
+def through_the_app(model: str, *, requests: int, clients: tuple[int, ...] = (1, 4, 16), app: Path | None = None,
+                    floor: bool = True, soak: int = 0) -> dict:
+    """The running app as visitors reach it: cold start; one client's latency with the server's CPU per request
+    and the app's own stage timings (server time apart from client time); the framework floor (a server with the
+    same components whose function returns a ready answer) in the same run; requests/s at each client count;
+    memory growth; and what is left in the temporary folders after SIGTERM."""
+    app = app or ROOT / "app.py"
+    with tempfile.TemporaryDirectory(prefix="fusion-bench-") as work:
+        report: dict = {}
+        servers = {"app": [sys.executable, str(app), "--model", model]}
+        if floor:
+            servers["floor"] = [sys.executable, "-m", "fusion.bench", "--serve-floor", "--app-file", str(app), "--model", model]
+        for name, command in servers.items():
+            server = _Server(command, Path(work) / name)
+            entry: dict = {}
+            try:
+                client = server.wait()
+                _call(client)
+                entry["cold_start_s"] = round(time.perf_counter() - server.started, 2)
+                for _ in range(3):
+                    _call(client)  # warm
+                skip = len(server.stage_records())
+                cpu = server.cpu_s()
+                single = [_call(client) for _ in range(requests)]
+                entry["one_client"] = {**percentiles(single),
+                                       "server_cpu_ms_per_request": round((server.cpu_s() - cpu) / requests * 1000, 1),
+                                       "server_stages": _stages(server.stage_records()[skip:])}
+                if name == "app":
+                    for count in clients:
+                        entry[f"{count}_clients"] = _load(server, count, requests)
+                    # Growth in the steady state: the load phases above have made the sessions and threads.
+                    rss, count = server.rss_mb(), max(clients)
+                    soaked = _load(server, count, -(-soak // count)) if soak else {"requests": 0, "errors": 0}
+                    entry["memory"] = {"rss_before_mb": round(rss, 1), "rss_after_mb": round(server.rss_mb(), 1),
+                                       "requests_between": soaked["requests"], "errors_between": soaked["errors"]}
+                    entry["memory"]["growth_mb"] = round(entry["memory"]["rss_after_mb"] - rss, 1)
+            finally:
+                entry["stopped"] = server.stop()
+            report[name] = entry
+        return report
+
+
+def serve_floor(model: str, port: int, app_file: Path) -> None:
+    """The framework floor: the app's own interface and queue, whose predict function returns one answer computed
+    at start-up, so a request costs only what Gradio and the transfers cost."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fusion_app", app_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if hasattr(module, "tune_for_serving"):
+        module.tune_for_serving(module.CONCURRENCY)
+    pipeline = FusionPipeline.from_pretrained(model)
+    demo = module.build_demo(pipeline)
+    function = next(f for f in demo.fns.values() if f.api_name == "predict")
+    sketch = {"background": np.asarray(open_image(ITEM["image"]).convert("RGBA")), "layers": [], "composite": None}
+    answer = function.fn(sketch, ITEM["text"], ITEM["audio"], "relevance", 0.5, "average", "average")
+    function.fn = lambda *inputs: answer
+    demo.queue(max_size=module.QUEUE_SIZE, default_concurrency_limit=module.CONCURRENCY)
+    demo.launch(server_name="127.0.0.1", server_port=port, max_file_size=module.MAX_FILE_SIZE)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -165,13 +296,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="few repeats, few requests (for CI)")
     parser.add_argument("--no-app", action="store_true", help="skip the measurements through the running app")
     parser.add_argument("--app-only", action="store_true", help="only the measurements through the running app")
+    parser.add_argument("--app-file", type=Path, default=ROOT / "app.py", help="the app to start (to compare versions)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per client (default 20; 3 with --quick)")
+    parser.add_argument("--soak", type=int, default=0, help="this many more requests before memory is read again")
+    parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_floor:
+        serve_floor(args.model, args.port, args.app_file)
+        return {}
     repeats, requests = (5, 3) if args.quick else (50, 20)
+    requests = args.requests or requests
     precisions = ["fp16", "bf16", "int8", "fp32"] if torch.cuda.is_available() else ["fp32", "int8"]
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                    "load_average_before": [round(x, 2) for x in os.getloadavg()],
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "precisions": {},
     }
@@ -192,8 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
         footprints = {p: e["footprint_mb"] for p, e in report["precisions"].items()}
         report["int8_over_fp32_footprint"] = round(footprints["int8"] / footprints["fp32"], 3)
     if not args.no_app:
-        report["app"] = through_the_app(args.model, requests=requests if args.quick else 20,
-                                        clients=4 if args.quick else 16)
+        report["app"] = through_the_app(args.model, requests=requests, clients=(1, 4) if args.quick else (1, 4, 16),
+                                        app=args.app_file, soak=args.soak)
+    report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import zipfile
@@ -27,8 +28,27 @@ def for_display(heatmap: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(heatmap / max(float(np.percentile(positive, 99)), 1e-8), 0, 1))
 
 
+INK = {"black": (0, 0, 0), "white": (255, 255, 255)}
+
+
+@functools.cache
 def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=1024)
+def _text_mask(text: str) -> Image.Image:
+    """`text` rendered once as an antialiased mask; labels and two-decimal values recur in every picture, and
+    rendering them with FreeType each time cost more than drawing the rest of the picture."""
+    _, _, right, bottom = _font().getbbox(text)
+    mask = Image.new("L", (max(1, int(right)), max(1, int(bottom))))
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=_font())
+    return mask
+
+
+def _write(canvas: Image.Image, xy: tuple[int, int], text: str, ink: str = "black") -> None:
+    """Draw `text` on `canvas` with its top-left corner at `xy`, as `ImageDraw.text` would."""
+    canvas.paste(INK[ink], (int(xy[0]), int(xy[1])), _text_mask(text))
 
 
 def base_image(image: Any) -> np.ndarray:
@@ -61,7 +81,7 @@ def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, scale: in
     for tick in np.arange(first, times[-1] + 1e-9, step):
         x = int(round((tick - times[0]) / (times[1] - times[0]) * scale)) if len(times) > 1 else 0
         draw.line([(x, height), (x, height + 5)], fill="black")
-        draw.text((min(x + 2, width - 30), height + 6), f"{tick:.1f} s", fill="black", font=_font())
+        _write(canvas, (min(x + 2, width - 30), height + 6), f"{tick:.1f} s")
     return np.asarray(canvas)
 
 
@@ -83,14 +103,14 @@ def attention_image(matrix: np.ndarray, present: list[str]) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     colours = colorize(np.clip(values, 0, 1))
     for r, row_name in enumerate(names):
-        draw.text((4, margin + r * MATRIX_CELL + MATRIX_CELL // 2 - 5), row_name, fill="black", font=_font())
-        draw.text((margin + r * MATRIX_CELL + 4, margin - 16), row_name, fill="black", font=_font())
+        _write(canvas, (4, margin + r * MATRIX_CELL + MATRIX_CELL // 2 - 5), row_name)
+        _write(canvas, (margin + r * MATRIX_CELL + 4, margin - 16), row_name)
         for c in range(len(names)):
             x0, y0 = margin + c * MATRIX_CELL, margin + r * MATRIX_CELL
             draw.rectangle([x0, y0, x0 + MATRIX_CELL - 2, y0 + MATRIX_CELL - 2], fill=tuple(int(v) for v in colours[r, c]))
             ink = "black" if values[r, c] > 0.55 else "white"
-            draw.text((x0 + 16, y0 + MATRIX_CELL // 2 - 5), f"{values[r, c]:.2f}", fill=ink, font=_font())
-    draw.text((4, 4), "rows attend to columns", fill="black", font=_font())
+            _write(canvas, (x0 + 16, y0 + MATRIX_CELL // 2 - 5), f"{values[r, c]:.2f}", ink)
+    _write(canvas, (4, 4), "rows attend to columns")
     return np.asarray(canvas)
 
 

@@ -1,6 +1,8 @@
 """The Gradio app: callbacks called with what each component passes, and the running app via gradio_client."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,9 +48,62 @@ def test_predict_with_a_sketch_text_and_a_numpy_recording(pipe, sketch, tone):
     assert len(subsets) == 7
     assert "from image + text + audio" in notice
     assert attention.ndim == 3
-    with zipfile.ZipFile(download) as archive:
-        assert {"explanation.json", "image_heatmap.png", "image_overlay.png", "audio_overlay.png"} <= set(archive.namelist())
+    assert download is None  # built on request by `export`, not for every answer
     assert state["prediction"].label == max(labels, key=labels.get)
+    with zipfile.ZipFile(app.export(state, 0.3, "layer 1", "average")) as archive:
+        assert {"explanation.json", "image_heatmap.png", "image_overlay.png", "audio_overlay.png"} <= set(archive.namelist())
+        shown = np.asarray(Image.open(archive.open("image_overlay.png")))
+    assert np.array_equal(shown, np.asarray(Image.open(app.render(state, 0.3, "layer 1", "average")[0])))
+
+
+def test_export_before_any_answer_says_so():
+    with pytest.raises(gr.Error, match="press Predict first"):
+        app.export(None, 0.5, "average", "average")
+
+
+def test_stale_answer_folders_cost_a_request_nothing_to_find(tmp_path, monkeypatch):
+    """5,000 answers an hour old: making the next folder removes at most `PRUNE_PER_FOLDER` of them and never lists
+    the folder, so a request's cost does not grow with traffic; the backlog still drains as answers come."""
+    now = [0.0]
+    folders = app.AnswerFolders(tmp_path / "outputs", keep_s=3600, clock=lambda: now[0])
+    stale = [folders.new() for _ in range(5000)]
+    now[0] = 3601.0
+    removed = []
+    real_rmtree = app.shutil.rmtree
+    monkeypatch.setattr(app.shutil, "rmtree", lambda path, **kw: (removed.append(path), real_rmtree(path, **kw)))
+    root = str(tmp_path / "outputs")
+    for name in ("listdir", "scandir"):
+        real = getattr(os, name)
+
+        def refuse_root(path=".", _real=real):
+            if not isinstance(path, int) and os.path.abspath(path) == root:
+                pytest.fail("the answers' folder was listed")
+            return _real(path)
+        monkeypatch.setattr(os, name, refuse_root)
+    fresh = folders.new()
+    assert removed == stale[: app.PRUNE_PER_FOLDER]
+    assert fresh.is_dir() and not stale[0].exists() and stale[app.PRUNE_PER_FOLDER].exists()
+    made = 1
+    while stale[-1].exists():
+        assert made < 5000, "the backlog does not drain"
+        folders.new()
+        made += 1
+    assert made == 5000 // app.PRUNE_PER_FOLDER  # each new folder removed its full share of the backlog
+    assert all(not path.exists() for path in stale) and fresh.is_dir() and len(folders) == made
+    now[0] = 3602.0
+    folders.remove_all()
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_answer_folders_of_stopped_processes_are_removed_at_start(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine, alive, gone = (tmp_path / f"{app.OUTPUTS_PREFIX}{pid}" for pid in (os.getpid(), os.getppid(), dead.pid))
+    other = tmp_path / "fusion-outputs-notes"
+    for folder in (mine, alive, gone, other):
+        (folder / "answer").mkdir(parents=True)
+    assert app.remove_orphaned_outputs(tmp_path) == 1
+    assert not gone.exists() and mine.exists() and alive.exists() and other.exists()
 
 
 def test_rerender_changes_with_opacity_and_layer(pipe, sketch):
@@ -100,9 +155,9 @@ def test_port_from_the_environment(monkeypatch):
     assert app.parse_args([]).port == 9123
 
 
-def _launch(checkpoint, *extra):
+def _launch(checkpoint, *extra, env=None):
     port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
     process = subprocess.Popen([sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port), *extra],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
@@ -151,6 +206,30 @@ def test_running_app_answers_through_gradio_client(server, tmp_path, tone):
                        "", None, "relevance", 0.5, "average", "average", api_name="/predict")
     # and it keeps serving
     assert client.predict(None, "zwei", None, "rollout", 0.5, "average", "average", api_name="/predict")[0]["label"]
+    # the download is built when asked for, from this session's last answer
+    with zipfile.ZipFile(client.predict(0.5, "average", "average", api_name="/export")) as archive:
+        assert json.loads(archive.read("explanation.json"))["method"] == "rollout"
+
+
+def test_sigterm_stops_the_app_and_leaves_no_files(tiny_checkpoint, tmp_path):
+    """A process manager stops the app with SIGTERM: the answer folders and Gradio's cached files go too."""
+    from gradio_client import Client
+
+    temp, gradio_temp = tmp_path / "tmp", tmp_path / "gradio"
+    temp.mkdir(), gradio_temp.mkdir()
+    process, url = _launch(tiny_checkpoint, env={"TMPDIR": str(temp), "GRADIO_TEMP_DIR": str(gradio_temp)})
+    from gradio_client import handle_file
+
+    client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+    client.predict(None, "fünf", handle_file(str(ROOT / "assets" / "examples" / "spoken-5.wav")), "relevance", 0.5,
+                   "average", "average", api_name="/predict")
+    client.predict(0.5, "average", "average", api_name="/export")
+    assert any(temp.rglob("*.png")) and any(gradio_temp.rglob("*.png")) and any(gradio_temp.rglob("*.wav"))
+    process.send_signal(signal.SIGTERM)
+    started = time.perf_counter()
+    assert process.wait(timeout=30) == 0
+    assert time.perf_counter() - started < 10
+    assert list(temp.rglob("*")) == [] and list(gradio_temp.rglob("*")) == []
 
 
 def test_a_server_path_in_a_request_is_refused(server):
@@ -181,7 +260,7 @@ def test_identical_concurrent_requests_all_get_whole_pictures(server):
             labels, image, spectrogram, words, *_, attention, download = client.predict(
                 None, "the number is four", None, "relevance", 0.5, "average", "average", api_name="/predict")
             Image.open(attention).load()  # a truncated PNG fails here
-            with zipfile.ZipFile(download) as archive:
+            with zipfile.ZipFile(client.predict(0.5, "average", "average", api_name="/export")) as archive:
                 assert archive.testzip() is None
             results.append(labels["label"])
         return results
