@@ -255,12 +255,15 @@ def through_the_app(model: str, *, requests: int, clients: tuple[int, ...] = (1,
                                        "server_cpu_ms_per_request": round((server.cpu_s() - cpu) / requests * 1000, 1),
                                        "server_stages": _stages(server.stage_records()[skip:])}
                 if name == "app":
+                    start_rss = server.rss_mb()
                     for count in clients:
                         entry[f"{count}_clients"] = _load(server, count, requests)
                     # Growth in the steady state: the load phases above have made the sessions and threads.
                     rss, count = server.rss_mb(), max(clients)
                     soaked = _load(server, count, -(-soak // count)) if soak else {"requests": 0, "errors": 0}
-                    entry["memory"] = {"rss_before_mb": round(rss, 1), "rss_after_mb": round(server.rss_mb(), 1),
+                    entry["memory"] = {"rss_at_start_mb": round(start_rss, 1),
+                                       "growth_over_load_phases_mb": round(rss - start_rss, 1),
+                                       "rss_before_mb": round(rss, 1), "rss_after_mb": round(server.rss_mb(), 1),
                                        "requests_between": soaked["requests"], "errors_between": soaked["errors"]}
                     entry["memory"]["growth_mb"] = round(entry["memory"]["rss_after_mb"] - rss, 1)
             finally:
