@@ -190,10 +190,11 @@ def _call(client) -> float:
     return time.perf_counter() - start
 
 
-def _load(server: _Server, clients: int, requests: int) -> dict:
-    """`clients` clients at once, each sending `requests` explained predictions of the same example (as visitors
-    clicking one example row do): requests/s, latency, errors, and the server's CPU per request."""
-    own = [server.client() for _ in range(clients)]
+def _load(server: _Server, clients: int | list, requests: int) -> dict:
+    """`clients` new clients (or these clients) at once, each sending `requests` explained predictions of the same
+    example (as visitors clicking one example row do): requests/s, latency, errors, and the server's CPU per
+    request."""
+    own = [server.client() for _ in range(clients)] if isinstance(clients, int) else clients
 
     def run(client):
         times, errors = [], []
@@ -205,7 +206,7 @@ def _load(server: _Server, clients: int, requests: int) -> dict:
         return times, errors
 
     cpu, start = server.cpu_s(), time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
+    with ThreadPoolExecutor(len(own)) as pool:
         results = list(pool.map(run, own))
     wall, cpu = time.perf_counter() - start, server.cpu_s() - cpu
     times = [t for t, _ in results for t in t]
@@ -258,9 +259,12 @@ def through_the_app(model: str, *, requests: int, clients: tuple[int, ...] = (1,
                     start_rss = server.rss_mb()
                     for count in clients:
                         entry[f"{count}_clients"] = _load(server, count, requests)
-                    # Growth in the steady state: the load phases above have made the sessions and threads.
-                    rss, count = server.rss_mb(), max(clients)
-                    soaked = _load(server, count, -(-soak // count)) if soak else {"requests": 0, "errors": 0}
+                    # Growth in the steady state: the same clients (sessions, each holding its last answer) again,
+                    # after the load phases have made the server's threads.
+                    most = [server.client() for _ in range(max(clients))]
+                    _load(server, most, 1)
+                    rss = server.rss_mb()
+                    soaked = _load(server, most, -(-soak // len(most))) if soak else {"requests": 0, "errors": 0}
                     entry["memory"] = {"rss_at_start_mb": round(start_rss, 1),
                                        "growth_over_load_phases_mb": round(rss - start_rss, 1),
                                        "rss_before_mb": round(rss, 1), "rss_after_mb": round(server.rss_mb(), 1),
