@@ -211,7 +211,7 @@ def _load(server: _Server, clients: int | list, requests: int) -> dict:
     wall, cpu = time.perf_counter() - start, server.cpu_s() - cpu
     times = [t for t, _ in results for t in t]
     done = len(times)
-    return {**(percentiles(times) if times else {}), "requests": clients * requests,
+    return {**(percentiles(times) if times else {}), "requests": len(own) * requests,
             "errors": sum(len(e) for _, e in results), "error_messages": sorted({m for _, e in results for m in e})[:5],
             "requests_per_s": round(done / wall, 2), "server_cpu_ms_per_request": round(cpu / max(done, 1) * 1000, 1)}
 

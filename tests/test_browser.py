@@ -69,7 +69,7 @@ def test_upload_type_and_see_the_answer_and_heatmaps(url, browser):
     (ARTIFACTS / "submit-to-heatmaps-seconds.txt").write_text(f"{elapsed:.2f}\n")
     print(f"submit to rendered heatmaps: {elapsed:.2f} s")
     page.locator("#export").click()  # the zip is built when asked for
-    page.locator("#download").get_by_text("explanation.zip").wait_for(timeout=30_000)
+    page.locator("#download a[download='explanation.zip']").wait_for(timeout=30_000)
 
 
 def test_corrupt_upload_shows_the_error_and_the_app_keeps_serving(url, browser, tmp_path):
