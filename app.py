@@ -174,9 +174,11 @@ def export(state: dict | None, alpha: float, layer: str, head: str) -> str:
 class StageClock:
     """Wall and CPU milliseconds of a request's stages, appended as one JSON line to the file named by the
     `FUSION_TIMINGS` environment variable (used by `fusion.bench`), and nothing otherwise. CPU time is the
-    calling thread's: with `torch.set_num_threads(1)` (see `main`) the model's work runs in it."""
+    calling thread's: with one torch thread per prediction (see `tune_for_serving`) the model's work runs in it. A
+    file that cannot be written is logged once and never fails a request."""
 
     _lock = threading.Lock()
+    _warned = False
 
     def __init__(self):
         self.wall: dict[str, float] = {}
@@ -196,8 +198,13 @@ class StageClock:
         self.wall["total"] = (self._wall - self._first[0]) * 1000
         self.cpu["total"] = (self._cpu - self._first[1]) * 1000
         line = json.dumps({"event": event, "wall_ms": self.wall, "cpu_ms": self.cpu})
-        with self._lock, open(path, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
+        try:
+            with self._lock, open(path, "a", encoding="utf-8") as file:
+                file.write(line + "\n")
+        except OSError as error:
+            if not StageClock._warned:
+                log.warning("cannot write request timings to FUSION_TIMINGS=%s: %s", path, error)
+                StageClock._warned = True
 
 
 class AnswerFolders:

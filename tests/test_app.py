@@ -311,3 +311,13 @@ def test_auth_is_required_when_set(tiny_checkpoint):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_stage_timings_go_to_the_named_file_and_a_bad_name_never_fails_a_request(pipe, sketch, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSION_TIMINGS", str(tmp_path / "timings.jsonl"))
+    app.predict(pipe, sketch, "drei", None)
+    record = json.loads((tmp_path / "timings.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "predict" and set(record["cpu_ms"]) == {"pipeline", "draw", "save", "tables", "total"}
+    assert record["wall_ms"]["total"] >= record["wall_ms"]["pipeline"] > 0
+    monkeypatch.setenv("FUSION_TIMINGS", str(tmp_path / "missing" / "timings.jsonl"))
+    assert app.predict(pipe, sketch, "drei", None)[0]
