@@ -223,7 +223,7 @@ class AnswerFolders:
 
     def __init__(self, root: Path, keep_s: float = KEEP_OUTPUTS_S, clock=time.monotonic):
         self.root, self.keep_s, self.clock = root, keep_s, clock
-        self._made: deque[tuple[float, Path]] = deque()
+        self._made: deque[tuple[float, str]] = deque()  # str: a third of a Path's memory, for an hour's answers
         self._lock = threading.Lock()
         self._cleanup_registered = False
 
@@ -240,11 +240,11 @@ class AnswerFolders:
                 atexit.register(self.remove_all)
                 self._cleanup_registered = True
             self.root.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(dir=self.root))
+            folder = tempfile.mkdtemp(dir=self.root)
             self._made.append((now, folder))
         for old in expired:
             shutil.rmtree(old, ignore_errors=True)
-        return folder
+        return Path(folder)
 
     def remove_all(self) -> None:
         with self._lock:

@@ -31,7 +31,13 @@ import torch
 
 from .pipeline import FusionPipeline
 from .processing import load_waveform, open_image
-from .render import attention_image, base_image, image_overlay, png_bytes, spectrogram_image
+from .render import (
+    attention_image,
+    base_image,
+    image_overlay,
+    png_bytes,
+    spectrogram_image,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"

@@ -272,7 +272,7 @@ class FusionModel(FusionPreTrainedModel):
         text: str | None = None,
         audio: str | None = None,
         **config_kwargs,
-    ) -> "FusionModel":
+    ) -> FusionModel:
         """Build a model whose encoders start from pretrained checkpoints (local folders or hub ids).
 
         Modalities not named get the default encoders of `FusionConfig`; `config_kwargs` set the fusion sizes

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from .configuration import MODALITIES
-from .modeling import FusionModel
 from .explain import Explanation, counterfactuals, explain_item
+from .modeling import FusionModel
 from .processing import FusionInputError, FusionProcessor
 
 PRECISIONS = ("auto", "int8", "fp16", "bf16", "fp32")
@@ -133,7 +133,7 @@ class FusionPipeline:
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> "FusionPipeline":
+    def from_pretrained(cls, path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> FusionPipeline:
         model, precision, _ = load_model(path, precision=precision, device=device)
         return cls(model, FusionProcessor.from_pretrained(path), precision=precision, name=Path(path).name)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +23,14 @@ import soundfile
 import torch
 import torchaudio
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PROCESSOR_FILE = "processor_config.json"
@@ -97,7 +104,7 @@ class ProcessorSettings:
     text: TextSettings = field(default_factory=TextSettings)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ProcessorSettings":
+    def from_dict(cls, data: dict) -> ProcessorSettings:
         def build(kind, values):
             known = {f.name for f in fields(kind)}
             unknown = set(values) - known
@@ -493,7 +500,7 @@ class FusionProcessor:
         (directory / PROCESSOR_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "FusionProcessor":
+    def from_pretrained(cls, directory: str | os.PathLike) -> FusionProcessor:
         directory = Path(directory)
         for name in (PROCESSOR_FILE, "tokenizer.json"):
             if not (directory / name).is_file():

@@ -40,7 +40,6 @@ from .configuration import MODALITIES, FusionConfig
 from .data import phrases
 from .data.audio_bank import audio_bank, encode_waves, garbage_waves
 from .data.examples import Augment, ExampleMaker, Pools, collate, image_pool, wave_pool
-from .data.voice_augment import VoiceAugment
 from .data.sources import (
     HELD_OUT_SPEAKER,
     list_fsdd,
@@ -50,10 +49,23 @@ from .data.sources import (
     write_heldout,
 )
 from .data.synthetic import synthetic_clips
-from .evaluate import SUBSET_KEYS, accuracy, encode_audio, evaluate, load_pools, paired_examples
+from .data.voice_augment import VoiceAugment
+from .evaluate import (
+    SUBSET_KEYS,
+    accuracy,
+    encode_audio,
+    evaluate,
+    load_pools,
+    paired_examples,
+)
 from .modeling import FusionModel, ModalityEncoder
 from .pipeline import FusionPipeline
-from .processing import AudioSettings, FusionProcessor, ProcessorSettings, build_tokenizer
+from .processing import (
+    AudioSettings,
+    FusionProcessor,
+    ProcessorSettings,
+    build_tokenizer,
+)
 from .speech import WHISPER_AUDIO_SETTINGS, convert
 
 # ConvNeXt rather than ResNet: its pointwise convolutions are `nn.Linear` layers, so bitsandbytes' 8-bit

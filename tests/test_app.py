@@ -81,7 +81,7 @@ def test_stale_answer_folders_cost_a_request_nothing_to_find(tmp_path, monkeypat
             return _real(path)
         monkeypatch.setattr(os, name, refuse_root)
     fresh = folders.new()
-    assert removed == stale[: app.PRUNE_PER_FOLDER]
+    assert [Path(p) for p in removed] == stale[: app.PRUNE_PER_FOLDER]
     assert fresh.is_dir() and not stale[0].exists() and stale[app.PRUNE_PER_FOLDER].exists()
     made = 1
     while stale[-1].exists():
@@ -181,6 +181,7 @@ def server(tiny_checkpoint):
     process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_running_app_answers_through_gradio_client(server, tmp_path, tone):
     from gradio_client import Client, handle_file
 
@@ -211,6 +212,7 @@ def test_running_app_answers_through_gradio_client(server, tmp_path, tone):
         assert json.loads(archive.read("explanation.json"))["method"] == "rollout"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_app_and_leaves_no_files(tiny_checkpoint, tmp_path):
     """A process manager stops the app with SIGTERM: the answer folders and Gradio's cached files go too."""
     from gradio_client import Client
@@ -232,6 +234,7 @@ def test_sigterm_stops_the_app_and_leaves_no_files(tiny_checkpoint, tmp_path):
     assert list(temp.rglob("*")) == [] and list(gradio_temp.rglob("*")) == []
 
 
+@pytest.mark.slow
 def test_a_server_path_in_a_request_is_refused(server):
     """An API caller names a file on the server instead of uploading one: Gradio must not read it."""
     import json
@@ -245,6 +248,7 @@ def test_a_server_path_in_a_request_is_refused(server):
     assert "event: error" in stream and "not uploaded by a user" in stream and "root:" not in stream, stream
 
 
+@pytest.mark.slow
 def test_identical_concurrent_requests_all_get_whole_pictures(server):
     """Gradio rewrites the cached file of an output array in place, so identical answers served at once could
     arrive truncated; the app returns files it wrote itself instead. The race is timing-dependent: this catches it
@@ -270,6 +274,7 @@ def test_identical_concurrent_requests_all_get_whole_pictures(server):
     assert len(answers) == 24 and len(set(answers)) == 1
 
 
+@pytest.mark.slow
 def test_a_full_queue_turns_requests_away_at_once(tiny_checkpoint):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -299,13 +304,17 @@ def test_a_full_queue_turns_requests_away_at_once(tiny_checkpoint):
         process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_auth_is_required_when_set(tiny_checkpoint):
     from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
 
     process, url = _launch(tiny_checkpoint, "--auth", "ann:secret")
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(url, verbose=False)
+        with pytest.raises(AuthenticationError, match="Invalid credentials"):
+            Client(url, auth=("ann", "wrong"), verbose=False)
         client = Client(url, auth=("ann", "secret"), verbose=False)
         assert client.predict(None, "drei", None, "attention", 0.5, "average", "average", api_name="/predict")[0]["label"]
     finally:

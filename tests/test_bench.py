@@ -1,6 +1,10 @@
 """The benchmark runs end to end on small settings (the full run is `python -m fusion.bench`)."""
 
+import pytest
+
 from fusion import bench
+
+pytestmark = pytest.mark.slow
 
 
 def test_quick_benchmark_measures_every_stage_precision_and_the_app(capsys):

@@ -10,11 +10,16 @@ import pytest
 import torch
 from transformers import WhisperFeatureExtractor
 
-from fusion import FusionModel
-from fusion import speech
+from fusion import FusionModel, speech
 from fusion.explain import token_grid
 from fusion.modeling import ModalityEncoder
-from fusion.processing import AudioSettings, FusionInputError, LogMel, load_waveform, prepare_waveform
+from fusion.processing import (
+    AudioSettings,
+    FusionInputError,
+    LogMel,
+    load_waveform,
+    prepare_waveform,
+)
 from fusion.train import tiny_whisper_config
 
 from .conftest import tiny_config
