@@ -28,6 +28,7 @@ from gradio.utils import get_upload_folder
 
 from fusion import FusionInputError, FusionPipeline
 from fusion.explain import METHODS
+from fusion.modalities import PRECISIONS
 from fusion.processing import open_image
 from fusion.render import (
     attention_image,
@@ -390,7 +391,7 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="fusion web demo")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder")
-    parser.add_argument("--precision", default="auto", choices=("auto", "int8", "fp16", "bf16", "fp32"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
     parser.add_argument("--share", action="store_true", help="create a public link (needs --auth or --no-auth)")

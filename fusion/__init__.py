@@ -2,8 +2,9 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration import MODALITIES, FusionConfig
-from .modeling import FusionModel, FusionOutput
+from .configuration import FusionConfig
+from .modalities import MODALITIES
+from .modeling import FusionForClassification, FusionModel, FusionOutput
 from .pipeline import FusionPipeline, Prediction
 from .processing import FusionInputError, FusionProcessor
 
@@ -14,6 +15,7 @@ AutoModel.register(FusionConfig, FusionModel, exist_ok=True)
 __all__ = [
     "MODALITIES",
     "FusionConfig",
+    "FusionForClassification",
     "FusionInputError",
     "FusionModel",
     "FusionOutput",

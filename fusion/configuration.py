@@ -6,11 +6,12 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-MODALITIES = ("image", "text", "audio")
+from .modalities import MODALITIES
+from .modalities import modality as modality_entry
 
 
 class FusionConfig(PretrainedConfig):
-    """Configuration of a [`FusionModel`]: which encoder reads each modality and how they are fused.
+    """Configuration of a [`FusionModel`] and its heads: which encoder reads each modality and how they are fused.
 
     Each modality's encoder is any `transformers` encoder that `AutoModel` can build (a ResNet or ViT for images,
     a BERT-style model for text, an Audio Spectrogram Transformer or a ResNet over log-mel features for audio),
@@ -125,6 +126,4 @@ class FusionConfig(PretrainedConfig):
 
     def modality_config(self, modality: str) -> PretrainedConfig:
         """The encoder config of `modality` (one of `MODALITIES`)."""
-        if modality not in MODALITIES:
-            raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
-        return getattr(self, f"{modality}_config")
+        return getattr(self, f"{modality_entry(modality).name}_config")

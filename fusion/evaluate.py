@@ -10,23 +10,22 @@ cycling through the shorter lists.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .configuration import MODALITIES
 from .data import phrases
 from .data.examples import collate
 from .data.sources import list_fsdd, load_mnist, load_phrases
+from .modalities import HALF_PRECISIONS, MODALITIES, PRECISIONS, SUBSET_KEYS
 from .pipeline import FusionPipeline
 
-# Keys name modalities in the order image, audio, text.
-SUBSET_KEYS = ["+".join(s) for r in (1, 2, 3) for s in itertools.combinations(("image", "audio", "text"), r)]
 GARBAGE_KEYS = {"image": "noise image", "audio": "noise audio", "text": "no-number text"}
 
 
@@ -87,7 +86,7 @@ def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128
     audio = pools.get("audio")
     if not audio:
         return pools
-    modality = pipeline.model.encoders["audio"]
+    modality = pipeline.model.fusion.encoders["audio"]
     encoder = modality.encoder
     was_training = encoder.training
     encoder.eval()
@@ -101,7 +100,7 @@ def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128
                 inputs = pipeline.processor.model_inputs(batch)
                 with torch.inference_mode():
                     values = inputs["audio_values"].to(pipeline.device, next(encoder.parameters()).dtype
-                                                       if pipeline.precision in ("fp16", "bf16") else torch.float32)
+                                                       if pipeline.precision in HALF_PRECISIONS else torch.float32)
                     states += list(modality.features(values)[0].cpu())
             encoded[label] = states
     finally:
@@ -166,9 +165,7 @@ def evaluate_voices(pipeline: FusionPipeline, folder: str | Path) -> dict:
 
 
 def faithfulness(pipeline: FusionPipeline, folder: str | Path, *, count: int = 100) -> dict:
-    """The deletion, attribution and cost checks of `fusion.explain` on up to `count` items per modality."""
-    from .explain import attribution_test, audio_deletion, explain_cost, image_deletion
-
+    """The deletion, attribution and cost checks below on up to `count` items per modality."""
     mnist = load_mnist(folder)
     clips = list_fsdd(folder)
     if mnist is None or not clips:
@@ -198,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voices", default=None,
                         help="folder of voice test sets (NAME/fsdd/*.wav, from fusion.data.heldout --voices): audio "
                         "accuracy on each")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp16", "bf16"))
+    parser.add_argument("--precision", default="fp32", choices=[p for p in PRECISIONS if p != "auto"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-garbage", action="store_true", help="skip the garbage-modality checks")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -238,3 +235,137 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------ checks of explanations (faithfulness)
+
+
+def _true_probability(pipeline, items: list[dict], labels: list[int]) -> np.ndarray:
+    predictions = pipeline(items)
+    return np.array([p.probs[pipeline.labels[label]] for p, label in zip(predictions, labels)])
+
+
+def image_deletion(pipeline, images: list[np.ndarray], labels: list[int], *, fraction: float = 0.2,
+                   steps: int = 10, seed: int = 0) -> dict:
+    """Replace the most relevant `fraction` of each image's pixels with its background, and a random
+    `fraction` for comparison; report the mean drop of the true class's probability for both, their ratio,
+    and deletion and insertion curves (true-class probability as the top pixels are removed or restored)."""
+    rng = np.random.default_rng(seed)
+    base = _true_probability(pipeline, [{"image": image} for image in images], labels)
+    relevant, random_, curves_del, curves_ins = [], [], [], []
+    grid = np.linspace(0, 1, steps + 1)
+    for image, label, p0 in zip(images, labels, base):
+        heat = pipeline(image=image, explain=True, target=pipeline.labels[label]).image_heatmap
+        grey = np.asarray(image, dtype=np.float32)
+        background = float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
+        order = np.lexsort((rng.random(heat.size), -heat.ravel()))
+        count = int(round(fraction * heat.size))
+
+        def erased(indices):
+            out = grey.copy().ravel()
+            out[indices] = background
+            return out.reshape(grey.shape).astype(np.asarray(image).dtype)
+
+        def restored(indices):
+            out = np.full(grey.size, background, dtype=np.float32)
+            out[indices] = grey.ravel()[indices]
+            return out.reshape(grey.shape).astype(np.asarray(image).dtype)
+
+        variants = [erased(order[:count]), erased(rng.permutation(heat.size)[:count])]
+        variants += [erased(order[: int(round(f * heat.size))]) for f in grid]
+        variants += [restored(order[: int(round(f * heat.size))]) for f in grid]
+        probs = _true_probability(pipeline, [{"image": v} for v in variants], [label] * len(variants))
+        relevant.append(p0 - probs[0])
+        random_.append(p0 - probs[1])
+        curves_del.append(probs[2 : 2 + len(grid)])
+        curves_ins.append(probs[2 + len(grid) :])
+    return _deletion_summary(relevant, random_, curves_del, curves_ins, grid)
+
+
+def audio_deletion(pipeline, clips: list[Any], labels: list[int], *, fraction: float = 0.2, steps: int = 10, seed: int = 0) -> dict:
+    """Mask the most relevant `fraction` of each spectrogram's frames (to the spectrogram's floor) and a
+    random `fraction` for comparison; the same summary as `image_deletion`."""
+    rng = np.random.default_rng(seed)
+    processor = pipeline.processor
+    relevant, random_, curves_del, curves_ins = [], [], [], []
+    grid = np.linspace(0, 1, steps + 1)
+    for clip, label in zip(clips, labels):
+        features, _ = processor.audio_features(clip)
+        pred = pipeline(audio=clip, explain=True, target=pipeline.labels[label])
+        frame_relevance = pred.audio_heatmap.sum(axis=0)
+        frames = frame_relevance.size
+        order = np.lexsort((rng.random(frames), -frame_relevance))
+        count = int(round(fraction * frames))
+        floor = float(features.min())
+
+        def masked(indices):
+            out = features.clone()
+            out[:, indices] = floor
+            return out
+
+        def kept(indices):
+            out = torch.full_like(features, floor)
+            out[:, indices] = features[:, indices]
+            return out
+
+        variants = [features, masked(order[:count]), masked(rng.permutation(frames)[:count])]
+        variants += [masked(order[: int(round(f * frames))]) for f in grid]
+        variants += [kept(order[: int(round(f * frames))]) for f in grid]
+        batch = {"audio_values": torch.stack(variants), "audio_mask": torch.ones(len(variants), dtype=torch.bool)}
+        probs = pipeline.forward(batch).logits.float().softmax(dim=-1)[:, label].cpu().numpy()
+        relevant.append(probs[0] - probs[1])
+        random_.append(probs[0] - probs[2])
+        curves_del.append(probs[3 : 3 + len(grid)])
+        curves_ins.append(probs[3 + len(grid) :])
+    return _deletion_summary(relevant, random_, curves_del, curves_ins, grid)
+
+
+def _deletion_summary(relevant, random_, curves_del, curves_ins, grid) -> dict:
+    drop_relevant, drop_random = float(np.mean(relevant)), float(np.mean(random_))
+    deletion, insertion = np.mean(curves_del, axis=0), np.mean(curves_ins, axis=0)
+    return {
+        "n": len(relevant),
+        "drop_relevant": round(drop_relevant, 4),
+        "drop_random": round(drop_random, 4),
+        # Undefined (null in JSON, where infinity is not allowed) when random deletion does not lower it at all.
+        "ratio": round(drop_relevant / drop_random, 2) if drop_random > 1e-6 else None,
+        "fractions": [round(float(f), 2) for f in grid],
+        "deletion_curve": [round(float(v), 4) for v in deletion],
+        "insertion_curve": [round(float(v), 4) for v in insertion],
+        "deletion_auc": round(float(np.trapezoid(deletion, grid)), 4),
+        "insertion_auc": round(float(np.trapezoid(insertion, grid)), 4),
+    }
+
+
+def attribution_test(pipeline, images: list[np.ndarray], clips: list[Any], *, seed: int = 0) -> dict:
+    """With a noise image beside clean audio, how often the audio's share beats the image's; and with
+    white-noise audio beside a clean image, how often the image's share beats the audio's."""
+    rng = np.random.default_rng(seed)
+    rate = pipeline.processor.settings.audio.sampling_rate
+    audio_wins = image_wins = 0
+    for image, clip in zip(images, clips):
+        noise_image = rng.integers(0, 256, np.asarray(image).shape, dtype=np.uint8)
+        shares = pipeline(image=noise_image, audio=clip, explain=True).modality_shares
+        audio_wins += shares["audio"] > shares["image"]
+        noise_clip = (rate, rng.normal(0, 0.1, rate).astype(np.float32))
+        shares = pipeline(image=image, audio=noise_clip, explain=True).modality_shares
+        image_wins += shares["image"] > shares["audio"]
+    n = min(len(images), len(clips))
+    return {"n": n, "audio_over_noise_image": audio_wins / n, "image_over_noise_audio": image_wins / n}
+
+
+def explain_cost(pipeline, items: list[dict], *, repeats: int = 3) -> dict:
+    """Median seconds of a plain and of an explained prediction over `items`, measured in one run."""
+    plain, explained = [], []
+    pipeline(**items[0])  # warm up
+    pipeline(**items[0], explain=True)
+    for _ in range(repeats):
+        for item in items:
+            start = time.perf_counter()
+            pipeline(**item)
+            plain.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pipeline(**item, explain=True)
+            explained.append(time.perf_counter() - start)
+    p, e = float(np.median(plain)), float(np.median(explained))
+    return {"plain_ms": round(1000 * p, 2), "explained_ms": round(1000 * e, 2), "ratio": round(e / p, 2)}

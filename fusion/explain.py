@@ -17,15 +17,18 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .configuration import MODALITIES
+from .modalities import MODALITIES, REGISTRY, subset_key
 from .processing import ImageGeometry
+
+if TYPE_CHECKING:
+    from .modeling import FusionForClassification, FusionOutput
 
 METHODS = ("relevance", "rollout", "attention")
 GROUPS = ("summary", *MODALITIES)
@@ -245,58 +248,64 @@ def _word_spans(text: str) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------- explaining
 
 
-def subset_key(subset) -> str:
-    order = ("image", "audio", "text")
-    return "+".join(m for m in order if m in subset)
+def explain_item(
+    model: FusionForClassification, inputs: dict[str, torch.Tensor], info: dict[str, Any], *,
+    method: str = "relevance", target: int | None = None, layer: int | None = None, head: int | None = None,
+    frame_seconds: float,
+) -> tuple[torch.Tensor, Explanation, FusionOutput]:
+    """Explain the one item of `inputs` (model tensors of a batch of one, on the model's device and in its
+    dtype) for class index `target` (default: the predicted one).
 
+    Args:
+        info (`dict`): the processor's facts about the item (`meta[0]`): text and its token offsets, image geometry,
+            audio window start.
+        frame_seconds (`float`): seconds between spectrogram frames, for `audio_times`.
 
-def explain_item(pipeline, batch: dict[str, Any], *, method: str = "relevance", target: str | None = None,
-                 layer: int | None = None, head: int | None = None) -> tuple[torch.Tensor, Explanation, Any]:
-    """Explain the single item of a processed `batch`; returns its probabilities (K,), the explanation and the
-    model's output (for `counterfactuals`)."""
+    Returns its probabilities (K,), the explanation and the model's output (for `counterfactuals`).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    model, processor = pipeline.model, pipeline.processor
-    info = batch["meta"][0]
-    inputs = {k: v.to(pipeline.device) for k, v in processor.model_inputs(batch).items()}
-    notes = []
-    if pipeline.precision in ("fp16", "bf16"):
-        dtype = next(model.parameters()).dtype
-        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-    for key in ("pixel_values", "audio_values"):
-        if key in inputs:
-            inputs[key] = inputs[key].detach().requires_grad_(method == "relevance")
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    notes: list[str] = []
+    # Relevance differentiates the answer with respect to the grid inputs (gradient × input within each cell).
+    grid_inputs = [REGISTRY[m].main_input for m in MODALITIES if REGISTRY[m].grid == "spatial"]
+    grid_inputs = [key for key in grid_inputs if key in inputs]
+    inputs = dict(inputs)
+    for key in grid_inputs:
+        inputs[key] = inputs[key].detach().requires_grad_(method == "relevance")
 
     ran = method
+    gradients = None
     try:
         with torch.enable_grad():
             out = model(**inputs, output_attentions=True)
             probs = out.logits.float().softmax(dim=-1)[0].detach().cpu()
-            target_index = int(probs.argmax()) if target is None else pipeline.labels.index(target)
-            gradients = None
+            target_index = int(probs.argmax()) if target is None else target
             if method == "relevance":
                 wanted = list(out.fusion_attentions)
                 for modality in out.encoder_attentions or {}:
                     wanted += list(out.encoder_attentions[modality])
-                inputs_needing = [inputs[k] for k in ("pixel_values", "audio_values") if k in inputs]
-                gradients = torch.autograd.grad(out.logits[0, target_index], wanted + inputs_needing, allow_unused=True)
+                gradients = torch.autograd.grad(out.logits[0, target_index], wanted + [inputs[k] for k in grid_inputs],
+                                                allow_unused=True)
     except (RuntimeError, NotImplementedError) as error:
         # Some 8-bit kernels have no backward pass on some devices; rollout needs none.
-        notes.append(f"relevance needs gradients, which failed in {pipeline.precision} ({error}); fell back to rollout")
+        notes.append(f"relevance needs gradients, which failed in {_precision(model)} ({error}); fell back to rollout")
         ran = "rollout"
         with torch.inference_mode():
             out = model(**{k: v.detach() for k, v in inputs.items()}, output_attentions=True)
         probs = out.logits.float().softmax(dim=-1)[0].cpu()
-        target_index = int(probs.argmax()) if target is None else pipeline.labels.index(target)
+        target_index = int(probs.argmax()) if target is None else target
         gradients = None
 
     fusion = [a[0].detach().float().cpu() for a in out.fusion_attentions]  # L × (H, N, N)
     encoder_attentions = {m: [a[0].detach().float().cpu() for a in atts] for m, atts in (out.encoder_attentions or {}).items()}
-    grad_iter = iter(gradients) if gradients is not None else None
+    encoder_grads: dict[str, list[torch.Tensor]] = {}
+    input_grads: dict[str, torch.Tensor] = {}
     if ran == "relevance":
+        grad_iter = iter(gradients)
         fusion_grads = [next(grad_iter)[0].float().cpu() for _ in fusion]
         encoder_grads = {m: [next(grad_iter)[0].float().cpu() for _ in encoder_attentions[m]] for m in encoder_attentions}
-        input_grads = {k: g for k, g in zip([k for k in ("pixel_values", "audio_values") if k in inputs], grad_iter)}
+        input_grads = dict(zip(grid_inputs, grad_iter))
         token_relevance = chefer_relevance(fusion, fusion_grads)[0]
     elif ran == "rollout":
         token_relevance = rollout(fusion)[0]
@@ -308,65 +317,72 @@ def explain_item(pipeline, batch: dict[str, Any], *, method: str = "relevance", 
     token_relevance[0] = 0.0  # the summary token's relevance to itself says nothing about the inputs
     token_relevance = token_relevance.clamp(min=0) * out.token_mask[0].cpu().float()
 
-    explanation = Explanation(method=ran, target=pipeline.labels[target_index], notes=notes, spans=dict(out.modality_spans))
+    explanation = Explanation(method=ran, target=labels[target_index], notes=notes, spans=dict(out.modality_spans))
     totals = {m: float(token_relevance[s0:s1].sum()) for m, (s0, s1) in out.modality_spans.items() if out.modality_mask[m][0]}
     grand = sum(totals.values())
     explanation.modality_shares = {m: (v / grand if grand > 0 else 1 / len(totals)) for m, v in totals.items()}
 
-    for modality, (s0, s1) in out.modality_spans.items():
-        if not out.modality_mask[modality][0]:
+    for name, (s0, s1) in out.modality_spans.items():
+        if not out.modality_mask[name][0]:
             continue
+        modality = REGISTRY[name]
         scores = token_relevance[s0:s1]
-        encoder = model.encoders[modality].encoder
-        if modality in encoder_attentions:
-            within = (chefer_relevance(encoder_attentions[modality], encoder_grads[modality]) if ran == "relevance"
-                      else rollout(encoder_attentions[modality]))
+        encoder = model.fusion.encoders[name].encoder
+        if name in encoder_attentions:
+            within = (chefer_relevance(encoder_attentions[name], encoder_grads[name]) if ran == "relevance"
+                      else rollout(encoder_attentions[name]))
             scores = scores @ within  # relevance of the encoder's input tokens
-        if modality == "text":
+        if modality.grid == "sequence":
             offsets = info["text_offsets"]
             explanation.text_heatmap = text_pieces(info["text"], offsets, scores[: len(offsets)].numpy())
             continue
-        key = "pixel_values" if modality == "image" else "audio_values"
-        values = inputs[key][0].detach().float().cpu()
+        values = inputs[modality.main_input][0].detach().float().cpu()
         spatial = tuple(values.shape[-2:])
         encoder_shape = tuple(values.shape) if values.dim() == 3 else (1, *values.shape)
-        if modality == "audio" and encoder.main_input_name == "input_values":
+        if values.dim() == 2 and encoder.main_input_name == "input_values":  # AST reads (frames, mel)
             encoder_shape = (values.shape[-1], values.shape[-2])
         heat = _grid_map(scores, encoder, spatial, encoder_shape)
         if ran == "relevance" and cell_gradients(encoder):
             # Within each token's cell, gradient × signal above the background says which pixels mattered.
-            grad = input_grads[key][0].detach().float().cpu().reshape(values.shape)
+            grad = input_grads[modality.main_input][0].detach().float().cpu().reshape(values.shape)
             signal = values - values.min()
             heat = heat * (grad * signal).abs().reshape(-1, *spatial).sum(dim=0)
         heat = normalise(heat.numpy())
-        if modality == "image":
+        if name == "image":
             explanation.image_heatmap = image_to_given(heat, info["image_geometry"])
         else:
-            audio = processor.settings.audio
             explanation.audio_heatmap = heat
             explanation.audio_spectrogram = values.numpy()
-            explanation.audio_times = info["audio_start"] + np.arange(values.shape[-1]) * audio.hop_length / audio.sampling_rate
+            explanation.audio_times = info["audio_start"] + np.arange(values.shape[-1]) * frame_seconds
 
     explanation.attentions = [a.numpy() for a in fusion]
     explanation.attention_matrix = attention_matrix(fusion, out.modality_spans, out.token_mask[0].cpu())
     explanation.attention_matrix_mean = explanation.attention_matrix.mean(axis=(0, 1))
-    if info.get("text_truncated"):
-        notes.append(f"the text was truncated to {processor.settings.text.max_tokens} tokens")
     return probs, explanation, out
 
 
-def counterfactuals(pipeline, output, present: list[str], target_index: int) -> tuple[dict, dict, dict]:
+def _precision(model: torch.nn.Module) -> str:
+    """How the model's weights are stored, for messages: int8 or the floating-point dtype."""
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "int8"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def counterfactuals(
+    model: FusionForClassification, output: FusionOutput, present: list[str], target_index: int
+) -> tuple[dict, dict, dict]:
     """Every non-empty subset of the item's modalities, scored from the fused tokens of the explanation's own
     forward pass (`output`): labels, Shapley values and agreement.
 
     A subset runs the fusion layers over its own tokens only, which equals masking the others (the fusion layers
     have no positions and the encoders never see each other) at a third of the cost of a padded batch of every
     subset; the full set is the explanation's own answer."""
-    subsets = [s for r in range(1, len(present) + 1) for s in itertools.combinations(present, r)]
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    chosen = [s for r in range(1, len(present) + 1) for s in itertools.combinations(present, r)]
     encoded, real = output.encoded[0].detach(), output.token_mask[0]
     rows = []
     with torch.inference_mode():
-        for subset in subsets:
+        for subset in chosen:
             if len(subset) == len(present):
                 rows.append(output.logits[0].detach())
                 continue
@@ -375,196 +391,18 @@ def counterfactuals(pipeline, output, present: list[str], target_index: int) -> 
                 if modality not in subset:
                     keep[start:end] = False
             tokens = encoded[keep][None]
-            logits, _, _ = pipeline.model.fuse(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+            logits = model.classify(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
             rows.append(logits[0])
     probs = torch.stack(rows).float().softmax(dim=-1).cpu()
     results, values = {}, {}
-    for subset, row in zip(subsets, probs):
+    for subset, row in zip(chosen, probs):
         index = int(row.argmax())
-        results[subset_key(subset)] = (pipeline.labels[index], float(row[index]))
+        results[subset_key(subset)] = (labels[index], float(row[index]))
         values[frozenset(subset)] = float(row[target_index])
-    shapley = shapley_values(values, list(present), empty=1.0 / len(pipeline.labels))
+    shapley = shapley_values(values, list(present), empty=1.0 / len(labels))
     singles = {m: results[m][0] for m in present}
     full = results[subset_key(present)][0]
-    labels = set(singles.values())
-    disagreeing = [m for m, label in singles.items() if label != full] if len(labels) > 1 else []
-    agreement = {"agree": len(labels) <= 1, "labels": singles, "disagreeing": disagreeing}
+    distinct = set(singles.values())
+    disagreeing = [m for m, label in singles.items() if label != full] if len(distinct) > 1 else []
+    agreement = {"agree": len(distinct) <= 1, "labels": singles, "disagreeing": disagreeing}
     return results, shapley, agreement
-
-
-# ------------------------------------------------------------------------------------------ rendering
-
-
-def _colormap_table(name: str) -> np.ndarray:
-    """A 256×3 uint8 table of viridis or cividis, interpolated from anchor colours of those maps."""
-    anchors = {
-        "viridis": [(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142), (31, 158, 137),
-                    (53, 183, 121), (109, 205, 89), (180, 222, 44), (253, 231, 37)],
-        "cividis": [(0, 34, 78), (18, 53, 112), (59, 73, 108), (87, 93, 109), (112, 113, 115), (138, 134, 120),
-                    (165, 156, 116), (195, 179, 105), (225, 204, 85), (254, 232, 56)],
-    }
-    if name not in anchors:
-        raise ValueError(f"colour map must be viridis or cividis, got {name!r}")
-    points = np.array(anchors[name], dtype=np.float32)
-    positions = np.linspace(0, 1, len(points))
-    grid = np.linspace(0, 1, 256)
-    return np.stack([np.interp(grid, positions, points[:, c]) for c in range(3)], axis=1).astype(np.uint8)
-
-
-_TABLES: dict[str, np.ndarray] = {}
-
-
-def colorize(heatmap: np.ndarray, *, cmap: str = "viridis") -> np.ndarray:
-    """(H, W) in [0, 1] -> (H, W, 3) uint8 through a perceptual colour map."""
-    table = _TABLES.setdefault(cmap, _colormap_table(cmap))
-    return table[(np.clip(heatmap, 0, 1) * 255).astype(np.uint8)]
-
-
-def overlay(base: np.ndarray | Image.Image, heatmap: np.ndarray, *, alpha: float = 0.5, cmap: str = "viridis") -> np.ndarray:
-    """Blend a heatmap over an image of the same height and width; returns (H, W, 3) uint8."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not (isinstance(base, np.ndarray) and base.ndim == 3 and base.shape[2] == 3 and base.dtype == np.uint8):
-        base = np.asarray((Image.fromarray(base) if isinstance(base, np.ndarray) else base).convert("RGB"))
-    base = base.astype(np.float32)
-    if base.shape[:2] != heatmap.shape:
-        raise ValueError(f"heatmap {heatmap.shape} does not match the image {base.shape[:2]}")
-    colours = colorize(heatmap, cmap=cmap).astype(np.float32)
-    weight = alpha * np.clip(heatmap, 0, 1)[..., None]  # irrelevant pixels keep the image
-    return (base * (1 - weight) + colours * weight).astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------- faithfulness
-
-
-def _true_probability(pipeline, items: list[dict], labels: list[int]) -> np.ndarray:
-    predictions = pipeline(items)
-    return np.array([p.probs[pipeline.labels[label]] for p, label in zip(predictions, labels)])
-
-
-def image_deletion(pipeline, images: list[np.ndarray], labels: list[int], *, fraction: float = 0.2,
-                   steps: int = 10, seed: int = 0) -> dict:
-    """Replace the most relevant `fraction` of each image's pixels with its background, and a random
-    `fraction` for comparison; report the mean drop of the true class's probability for both, their ratio,
-    and deletion and insertion curves (true-class probability as the top pixels are removed or restored)."""
-    rng = np.random.default_rng(seed)
-    base = _true_probability(pipeline, [{"image": image} for image in images], labels)
-    relevant, random_, curves_del, curves_ins = [], [], [], []
-    grid = np.linspace(0, 1, steps + 1)
-    for image, label, p0 in zip(images, labels, base):
-        heat = pipeline(image=image, explain=True, target=pipeline.labels[label]).image_heatmap
-        grey = np.asarray(image, dtype=np.float32)
-        background = float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
-        order = np.lexsort((rng.random(heat.size), -heat.ravel()))
-        count = int(round(fraction * heat.size))
-
-        def erased(indices):
-            out = grey.copy().ravel()
-            out[indices] = background
-            return out.reshape(grey.shape).astype(np.asarray(image).dtype)
-
-        def restored(indices):
-            out = np.full(grey.size, background, dtype=np.float32)
-            out[indices] = grey.ravel()[indices]
-            return out.reshape(grey.shape).astype(np.asarray(image).dtype)
-
-        variants = [erased(order[:count]), erased(rng.permutation(heat.size)[:count])]
-        variants += [erased(order[: int(round(f * heat.size))]) for f in grid]
-        variants += [restored(order[: int(round(f * heat.size))]) for f in grid]
-        probs = _true_probability(pipeline, [{"image": v} for v in variants], [label] * len(variants))
-        relevant.append(p0 - probs[0])
-        random_.append(p0 - probs[1])
-        curves_del.append(probs[2 : 2 + len(grid)])
-        curves_ins.append(probs[2 + len(grid) :])
-    return _deletion_summary(relevant, random_, curves_del, curves_ins, grid)
-
-
-def audio_deletion(pipeline, clips: list[Any], labels: list[int], *, fraction: float = 0.2, steps: int = 10, seed: int = 0) -> dict:
-    """Mask the most relevant `fraction` of each spectrogram's frames (to the spectrogram's floor) and a
-    random `fraction` for comparison; the same summary as `image_deletion`."""
-    rng = np.random.default_rng(seed)
-    processor = pipeline.processor
-    relevant, random_, curves_del, curves_ins = [], [], [], []
-    grid = np.linspace(0, 1, steps + 1)
-    for clip, label in zip(clips, labels):
-        features, _ = processor.audio_features(clip)
-        pred = pipeline(audio=clip, explain=True, target=pipeline.labels[label])
-        frame_relevance = pred.audio_heatmap.sum(axis=0)
-        frames = frame_relevance.size
-        order = np.lexsort((rng.random(frames), -frame_relevance))
-        count = int(round(fraction * frames))
-        floor = float(features.min())
-
-        def masked(indices):
-            out = features.clone()
-            out[:, indices] = floor
-            return out
-
-        def kept(indices):
-            out = torch.full_like(features, floor)
-            out[:, indices] = features[:, indices]
-            return out
-
-        variants = [features, masked(order[:count]), masked(rng.permutation(frames)[:count])]
-        variants += [masked(order[: int(round(f * frames))]) for f in grid]
-        variants += [kept(order[: int(round(f * frames))]) for f in grid]
-        batch = {"audio_values": torch.stack(variants), "audio_mask": torch.ones(len(variants), dtype=torch.bool)}
-        probs = pipeline.forward(batch).logits.float().softmax(dim=-1)[:, label].cpu().numpy()
-        relevant.append(probs[0] - probs[1])
-        random_.append(probs[0] - probs[2])
-        curves_del.append(probs[3 : 3 + len(grid)])
-        curves_ins.append(probs[3 + len(grid) :])
-    return _deletion_summary(relevant, random_, curves_del, curves_ins, grid)
-
-
-def _deletion_summary(relevant, random_, curves_del, curves_ins, grid) -> dict:
-    drop_relevant, drop_random = float(np.mean(relevant)), float(np.mean(random_))
-    deletion, insertion = np.mean(curves_del, axis=0), np.mean(curves_ins, axis=0)
-    return {
-        "n": len(relevant),
-        "drop_relevant": round(drop_relevant, 4),
-        "drop_random": round(drop_random, 4),
-        # Undefined (null in JSON, where infinity is not allowed) when random deletion does not lower it at all.
-        "ratio": round(drop_relevant / drop_random, 2) if drop_random > 1e-6 else None,
-        "fractions": [round(float(f), 2) for f in grid],
-        "deletion_curve": [round(float(v), 4) for v in deletion],
-        "insertion_curve": [round(float(v), 4) for v in insertion],
-        "deletion_auc": round(float(np.trapezoid(deletion, grid)), 4),
-        "insertion_auc": round(float(np.trapezoid(insertion, grid)), 4),
-    }
-
-
-def attribution_test(pipeline, images: list[np.ndarray], clips: list[Any], *, seed: int = 0) -> dict:
-    """With a noise image beside clean audio, how often the audio's share beats the image's; and with
-    white-noise audio beside a clean image, how often the image's share beats the audio's."""
-    rng = np.random.default_rng(seed)
-    rate = pipeline.processor.settings.audio.sampling_rate
-    audio_wins = image_wins = 0
-    for image, clip in zip(images, clips):
-        noise_image = rng.integers(0, 256, np.asarray(image).shape, dtype=np.uint8)
-        shares = pipeline(image=noise_image, audio=clip, explain=True).modality_shares
-        audio_wins += shares["audio"] > shares["image"]
-        noise_clip = (rate, rng.normal(0, 0.1, rate).astype(np.float32))
-        shares = pipeline(image=image, audio=noise_clip, explain=True).modality_shares
-        image_wins += shares["image"] > shares["audio"]
-    n = min(len(images), len(clips))
-    return {"n": n, "audio_over_noise_image": audio_wins / n, "image_over_noise_audio": image_wins / n}
-
-
-def explain_cost(pipeline, items: list[dict], *, repeats: int = 3) -> dict:
-    """Median seconds of a plain and of an explained prediction over `items`, measured in one run."""
-    import time
-
-    plain, explained = [], []
-    pipeline(**items[0])  # warm up
-    pipeline(**items[0], explain=True)
-    for _ in range(repeats):
-        for item in items:
-            start = time.perf_counter()
-            pipeline(**item)
-            plain.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            pipeline(**item, explain=True)
-            explained.append(time.perf_counter() - start)
-    p, e = float(np.median(plain)), float(np.median(explained))
-    return {"plain_ms": round(1000 * p, 2), "explained_ms": round(1000 * e, 2), "ratio": round(e / p, 2)}

@@ -1,4 +1,5 @@
-"""The fusion Transformer, top to bottom: attention, layer, modality encoders, `FusionModel`.
+"""The fusion Transformer, top to bottom: attention, layer, modality encoders, the base `FusionModel` and its
+classification head `FusionForClassification`.
 
 Shape legend: B batch, N fused tokens, T tokens of one modality, H heads, D head width, C channels,
 E an encoder's width, F fusion width (`config.hidden_size`).
@@ -16,10 +17,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import ModelOutput
 
-from .configuration import MODALITIES, FusionConfig
-
-# The tensor each modality's encoder reads, as the processor produces it.
-INPUT_NAMES = {"image": "pixel_values", "text": "input_ids", "audio": "audio_values"}
+from .configuration import FusionConfig
+from .modalities import MODALITIES, REGISTRY
 
 
 class FusionAttention(nn.Module):
@@ -162,11 +161,16 @@ class ModalityEncoder(nn.Module):
 
 @dataclass
 class FusionOutput(ModelOutput):
-    """What [`FusionModel.forward`] returns, whatever was asked.
+    """What [`FusionModel.forward`] and [`FusionForClassification.forward`] return, whatever was asked.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`): cross-entropy, when `labels` were given.
-        logits (`torch.FloatTensor` of shape `(B, num_labels)`).
+        loss (`torch.FloatTensor` of shape `()`): cross-entropy, when a head was given `labels`.
+        logits (`torch.FloatTensor` of shape `(B, num_labels)`): the classification head's, `None` from the base model.
+        summary (`torch.FloatTensor` of shape `(B, F)`): the final summary token, what a head reads.
+        modality_embeds (`dict[str, torch.FloatTensor]`): per modality, `(B, F)` the mean of its projected tokens
+            before fusion (zeros for items without it): an embedding of each input on its own, for heads that
+            compare modalities (retrieval).
+        last_hidden_state (`torch.FloatTensor` of shape `(B, N, F)`): every fused token after the fusion layers.
         fusion_attentions (`tuple` of `(B, H, N, N)` tensors): one per fusion layer, with `output_attentions=True`.
         encoder_attentions (`dict[str, tuple]`): each attention encoder's own attentions (over the items that have
             the modality), with `output_attentions=True`.
@@ -174,19 +178,20 @@ class FusionOutput(ModelOutput):
             token 0 is the fusion summary token.
         token_mask (`torch.BoolTensor` of shape `(B, N)`): which fused tokens are real for each item.
         modality_mask (`dict[str, torch.BoolTensor]`): per modality, which items of the batch carried it.
-        summary (`torch.FloatTensor` of shape `(B, F)`): the final summary token the head reads.
         encoded (`torch.FloatTensor` of shape `(B, N, F)`): the fused sequence before the fusion layers (summary
-            token and every modality's projected tokens), for `FusionModel.fuse`.
+            token and every modality's projected tokens), for `fuse` over a subset of them.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    summary: torch.FloatTensor | None = None
+    modality_embeds: dict[str, torch.FloatTensor] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
     fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
     encoder_attentions: dict[str, tuple[torch.FloatTensor, ...]] | None = None
     modality_spans: dict[str, tuple[int, int]] | None = None
     token_mask: torch.BoolTensor | None = None
     modality_mask: dict[str, torch.BoolTensor] | None = None
-    summary: torch.FloatTensor | None = None
     encoded: torch.FloatTensor | None = None
 
 
@@ -221,48 +226,13 @@ class FusionPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, and in 8-bit the encoders' layers made to take any input rank."""
+        """`PreTrainedModel.from_pretrained`, and in 8-bit the encoders' layers made to take any input rank.
+
+        Checkpoints of the base model and of any head load into each other: weights named without the
+        `fusion.` prefix (checkpoints written before the heads were split off) are matched by transformers."""
         model = super().from_pretrained(*args, **kwargs)
         flatten_8bit_inputs(model)
         return model
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, FusionModel):
-            nn.init.normal_(module.summary_token, std=self.config.initializer_range)
-
-
-class FusionModel(FusionPreTrainedModel):
-    """Fuses any non-empty subset of image, text and audio with self-attention over all their tokens.
-
-    Each present modality is encoded by its own encoder, projected to the fusion width and tagged with a
-    learned modality embedding; a summary token is prepended and the fusion layers attend across everything.
-    A modality an item lacks contributes no attendable token: its slots are masked out, and a modality no
-    item of the batch carries has no slots at all.
-
-    Args:
-        config (`FusionConfig`): the encoders, fusion sizes and labels.
-
-    Example:
-        ```python
-        >>> model = FusionModel(FusionConfig(id2label={0: "no", 1: "yes"}))
-        >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=images)
-        >>> out.logits.shape, out.modality_spans
-        (torch.Size([B, 2]), {'image': (1, 17), 'text': (17, 17 + T)})
-        ```
-    """
-
-    def __init__(self, config: FusionConfig):
-        super().__init__(config)
-        self.encoders = nn.ModuleDict(
-            {m: ModalityEncoder(config.modality_config(m), config.hidden_size) for m in MODALITIES}
-        )
-        self.modality_embeddings = nn.Embedding(len(MODALITIES) + 1, config.hidden_size)  # index 0: summary
-        self.summary_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.layers = nn.ModuleList([FusionLayer(config) for _ in range(config.num_hidden_layers)])
-        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
 
     @classmethod
     def from_encoders(
@@ -272,7 +242,7 @@ class FusionModel(FusionPreTrainedModel):
         text: str | None = None,
         audio: str | None = None,
         **config_kwargs,
-    ) -> FusionModel:
+    ):
         """Build a model whose encoders start from pretrained checkpoints (local folders or hub ids).
 
         Modalities not named get the default encoders of `FusionConfig`; `config_kwargs` set the fusion sizes
@@ -281,15 +251,196 @@ class FusionModel(FusionPreTrainedModel):
         sources = {"image": image, "text": text, "audio": audio}
         sub_configs = {f"{m}_config": AutoConfig.from_pretrained(src) for m, src in sources.items() if src}
         model = cls(FusionConfig(**sub_configs, **config_kwargs))
-        for modality, source in sources.items():
+        for name, source in sources.items():
             if source:
                 pretrained = AutoModel.from_pretrained(source)
-                if model.config.modality_config(modality).model_type in ENCODER_ONLY:
+                if model.config.modality_config(name).model_type in ENCODER_ONLY:
                     pretrained = pretrained.get_encoder()  # e.g. Whisper: the encoder of a speech recogniser
-                missing, unexpected = model.encoders[modality].encoder.load_state_dict(pretrained.state_dict(), strict=False)
+                encoder = model.base_model.encoders[name].encoder
+                missing, _ = encoder.load_state_dict(pretrained.state_dict(), strict=False)
                 if missing:
-                    raise ValueError(f"the {modality} encoder at {source!r} lacks weights the model needs: {missing[:5]}")
+                    raise ValueError(f"the {name} encoder at {source!r} lacks weights the model needs: {missing[:5]}")
         return model
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, FusionModel):
+            nn.init.normal_(module.summary_token, std=self.config.initializer_range)
+
+
+class FusionModel(FusionPreTrainedModel):
+    """Fuses any non-empty subset of image, text and audio with self-attention over all their tokens; the base
+    model that task heads sit on.
+
+    Each present modality is encoded by its own encoder, projected to the fusion width and tagged with a
+    learned modality embedding; a summary token is prepended and the fusion layers attend across everything.
+    A modality an item lacks contributes no attendable token: its slots are masked out, and a modality no
+    item of the batch carries has no slots at all. It returns the final summary token and each modality's
+    pooled embedding; [`FusionForClassification`] puts a classifier on the summary.
+
+    Args:
+        config (`FusionConfig`): the encoders and fusion sizes.
+
+    Example:
+        ```python
+        >>> model = FusionModel(FusionConfig(hidden_size=32, num_attention_heads=4))
+        >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=images)
+        >>> out.summary.shape, out.modality_embeds["image"].shape, out.modality_spans
+        (torch.Size([B, 32]), torch.Size([B, 32]), {'image': (1, 17), 'text': (17, 17 + T)})
+        ```
+    """
+
+    def __init__(self, config: FusionConfig):
+        super().__init__(config)
+        self.encoders = nn.ModuleDict(
+            {m: ModalityEncoder(config.modality_config(m), config.hidden_size) for m in MODALITIES}
+        )
+        self.modality_embeddings = nn.Embedding(len(MODALITIES) + 1, config.hidden_size)  # row 0: summary
+        self.summary_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.layers = nn.ModuleList([FusionLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        audio_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        audio_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        audio_encoder_states: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        """
+        Args:
+            pixel_values (`(B, C, height, width)`): images; rows of items without an image are ignored.
+            input_ids (`(B, T)`) and attention_mask (`(B, T)`): tokenised text.
+            audio_values (`(B, mel, frames)`): log-mel spectrograms.
+            image_mask, text_mask, audio_mask (`(B,)` bool): which items carry that modality; when a modality's
+                tensor is given without its mask, every item carries it.
+            output_attentions (`bool`): use the explicit attention path and return every attention map.
+            audio_encoder_states (`(B, T, E)`): the audio encoder's output, in place of `audio_values`, when it was
+                computed beforehand (training with a frozen audio encoder caches it per clip).
+        """
+        if audio_encoder_states is not None and audio_values is not None:
+            raise ValueError("give audio_values or audio_encoder_states, not both")
+        given = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
+                 "audio_values": audio_values if audio_encoder_states is None else audio_encoder_states,
+                 "image_mask": image_mask, "text_mask": text_mask, "audio_mask": audio_mask}
+        out = self.encode(given, output_attentions=output_attentions, precomputed={"audio": audio_encoder_states is not None})
+        hidden, attentions = self.fuse(out.encoded, out.token_mask, output_attentions=output_attentions)
+        out.last_hidden_state, out.summary = hidden, hidden[:, 0]
+        out.fusion_attentions = tuple(attentions) if output_attentions else None
+        return out
+
+    def encode(
+        self, given: dict[str, torch.Tensor | None], *, output_attentions: bool = False,
+        precomputed: dict[str, bool] | None = None,
+    ) -> FusionOutput:
+        """Encode every present modality and lay the tokens out as one sequence: `encoded`, `token_mask`,
+        `modality_spans`, `modality_mask`, `modality_embeds` and (when asked) `encoder_attentions` of the output.
+
+        `given` maps the registry's tensor names to tensors (or None); `precomputed[m]` says that modality `m`'s main
+        input already holds its encoder's output (B, T, E)."""
+        batch = next((given[REGISTRY[m].main_input].shape[0] for m in MODALITIES
+                      if given.get(REGISTRY[m].main_input) is not None), None)
+        if batch is None:
+            names = ", ".join(REGISTRY[m].main_input for m in MODALITIES)
+            raise ValueError(f"FusionModel needs at least one of {names}")
+        device = self.summary_token.device
+
+        pieces, masks, spans, item_masks, pooled, encoder_attentions = [], [], {}, {}, {}, {}
+        length = 1
+        for name in MODALITIES:
+            modality = REGISTRY[name]
+            values = given.get(modality.main_input)
+            if values is None:
+                continue
+            present = given.get(modality.mask)
+            present = torch.ones(batch, dtype=torch.bool, device=device) if present is None else present.to(device).bool()
+            if not present.any():
+                continue
+            rows = present.nonzero(as_tuple=True)[0]
+            token_attention = None
+            if len(modality.inputs) > 1:  # a padded sequence and its attention mask (text)
+                token_attention = given.get(modality.inputs[1])
+                token_attention = torch.ones_like(values) if token_attention is None else token_attention
+                token_attention = token_attention.to(device)[rows]
+            tokens, token_mask, attentions = self.encoders[name](
+                values.to(device)[rows], attention_mask=token_attention, output_attentions=output_attentions,
+                precomputed=bool((precomputed or {}).get(name)),
+            )
+            # Each item's own embedding: the mean of its real tokens, before the modality tag and fusion.
+            weights = token_mask.to(tokens.dtype)[..., None]  # (R, T, 1)
+            item_pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (R, F)
+            tokens = tokens + self.modality_embeddings.weight[modality.embedding_index]
+            # Scatter the encoded items back into the batch; the other items' slots stay masked out.
+            full = tokens.new_zeros(batch, tokens.shape[1], tokens.shape[2])  # (B, T, F)
+            full[rows] = tokens
+            full_mask = torch.zeros(batch, tokens.shape[1], dtype=torch.bool, device=device)
+            full_mask[rows] = token_mask
+            pooled[name] = item_pooled.new_zeros(batch, item_pooled.shape[1]).index_copy(0, rows, item_pooled)
+            pieces.append(full)
+            masks.append(full_mask)
+            spans[name] = (length, length + tokens.shape[1])
+            length += tokens.shape[1]
+            item_masks[name] = present
+            if attentions:
+                encoder_attentions[name] = attentions
+
+        if not pieces:
+            raise ValueError("FusionModel got no item that carries any modality")
+        summary = (self.summary_token + self.modality_embeddings.weight[0]).expand(batch, -1, -1)  # (B, 1, F)
+        hidden = torch.cat([summary.to(pieces[0].dtype), *pieces], dim=1)  # (B, N, F)
+        token_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), *masks], dim=1)  # (B, N)
+        if not token_mask[:, 1:].any(dim=1).all():
+            empty = (~token_mask[:, 1:].any(dim=1)).nonzero(as_tuple=True)[0].tolist()
+            raise ValueError(f"items {empty} of the batch carry no modality; each item needs at least one")
+        return FusionOutput(
+            encoded=hidden, token_mask=token_mask, modality_spans=spans, modality_mask=item_masks,
+            modality_embeds=pooled, encoder_attentions=encoder_attentions if output_attentions else None,
+        )
+
+    def fuse(
+        self, encoded: torch.Tensor, token_mask: torch.Tensor, *, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The fusion layers over already encoded tokens (B, N, F) with their mask (B, N).
+
+        Masking a modality's tokens here gives exactly the answer without that modality, since the encoders
+        never see each other: explanations and training use this to score subsets of modalities cheaply.
+        Returns the final-normed states (B, N, F), token 0 the summary, and the fusion attentions (when asked).
+        """
+        hidden, attentions = encoded, []
+        for layer in self.layers:
+            hidden, weights = layer(hidden, key_mask=token_mask, output_attentions=output_attentions)
+            if output_attentions:
+                attentions.append(weights)
+        return self.final_norm(hidden), attentions
+
+
+class FusionForClassification(FusionPreTrainedModel):
+    """[`FusionModel`] with a linear classifier on the summary token: one label per item, from any subset of its
+    modalities.
+
+    Args:
+        config (`FusionConfig`): the encoders, fusion sizes and `id2label`.
+
+    Example:
+        ```python
+        >>> model = FusionForClassification(FusionConfig(id2label={0: "no", 1: "yes"}))
+        >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=images, labels=labels)
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([B, 2]), torch.Size([]))
+        ```
+    """
+
+    def __init__(self, config: FusionConfig):
+        super().__init__(config)
+        self.fusion = FusionModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
 
     def forward(
         self,
@@ -304,96 +455,21 @@ class FusionModel(FusionPreTrainedModel):
         output_attentions: bool = False,
         audio_encoder_states: torch.Tensor | None = None,
     ) -> FusionOutput:
-        """
-        Args:
-            pixel_values (`(B, C, height, width)`): images; rows of items without an image are ignored.
-            input_ids (`(B, T)`) and attention_mask (`(B, T)`): tokenised text.
-            audio_values (`(B, mel, frames)`): log-mel spectrograms.
-            image_mask, text_mask, audio_mask (`(B,)` bool): which items carry that modality; when a modality's
-                tensor is given without its mask, every item carries it.
-            labels (`(B,)` long): class indices, for the loss.
-            output_attentions (`bool`): use the explicit attention path and return every attention map.
-            audio_encoder_states (`(B, T, E)`): the audio encoder's output, in place of `audio_values`, when it was
-                computed beforehand (training with a frozen audio encoder caches it per clip).
-        """
-        if audio_encoder_states is not None and audio_values is not None:
-            raise ValueError("give audio_values or audio_encoder_states, not both")
-        inputs = {"image": pixel_values, "text": input_ids, "audio": audio_values if audio_encoder_states is None else audio_encoder_states}
-        presence = {"image": image_mask, "text": text_mask, "audio": audio_mask}
-        batch = next((x.shape[0] for x in inputs.values() if x is not None), None)
-        if batch is None:
-            raise ValueError("FusionModel needs at least one of pixel_values, input_ids or audio_values")
-        device = self.summary_token.device
-
-        pieces, masks, spans, item_masks, encoder_attentions = [], [], {}, {}, {}
-        length = 1
-        for index, modality in enumerate(MODALITIES, start=1):
-            values = inputs[modality]
-            if values is None:
-                continue
-            present = presence[modality]
-            present = torch.ones(batch, dtype=torch.bool, device=device) if present is None else present.to(device).bool()
-            if not present.any():
-                continue
-            rows = present.nonzero(as_tuple=True)[0]
-            text_attention = None
-            if modality == "text":
-                text_attention = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-                text_attention = text_attention.to(device)[rows]
-            tokens, token_mask, attentions = self.encoders[modality](
-                values.to(device)[rows], attention_mask=text_attention, output_attentions=output_attentions,
-                precomputed=modality == "audio" and audio_encoder_states is not None,
-            )
-            tokens = tokens + self.modality_embeddings.weight[index]
-            # Scatter the encoded items back into the batch; the other items' slots stay masked out.
-            full = tokens.new_zeros(batch, tokens.shape[1], tokens.shape[2])  # (B, T, F)
-            full[rows] = tokens
-            full_mask = torch.zeros(batch, tokens.shape[1], dtype=torch.bool, device=device)
-            full_mask[rows] = token_mask
-            pieces.append(full)
-            masks.append(full_mask)
-            spans[modality] = (length, length + tokens.shape[1])
-            length += tokens.shape[1]
-            item_masks[modality] = present
-            if attentions:
-                encoder_attentions[modality] = attentions
-
-        if not pieces:
-            raise ValueError("FusionModel got no item that carries any modality")
-        summary = (self.summary_token + self.modality_embeddings.weight[0]).expand(batch, -1, -1)  # (B, 1, F)
-        hidden = torch.cat([summary.to(pieces[0].dtype), *pieces], dim=1)  # (B, N, F)
-        token_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), *masks], dim=1)  # (B, N)
-        if not token_mask[:, 1:].any(dim=1).all():
-            empty = (~token_mask[:, 1:].any(dim=1)).nonzero(as_tuple=True)[0].tolist()
-            raise ValueError(f"items {empty} of the batch carry no modality; each item needs at least one")
-
-        logits, summary_state, fusion_attentions = self.fuse(hidden, token_mask, output_attentions=output_attentions)
-        loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None
-        return FusionOutput(
-            loss=loss,
-            logits=logits,
-            fusion_attentions=tuple(fusion_attentions) if output_attentions else None,
-            encoder_attentions=encoder_attentions if output_attentions else None,
-            modality_spans=spans,
-            token_mask=token_mask,
-            modality_mask=item_masks,
-            summary=summary_state,
-            encoded=hidden,
+        """The base model's arguments (see [`FusionModel.forward`]) and `labels` (`(B,)` long), for the loss."""
+        out = self.fusion(
+            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, audio_values=audio_values,
+            image_mask=image_mask, text_mask=text_mask, audio_mask=audio_mask, output_attentions=output_attentions,
+            audio_encoder_states=audio_encoder_states,
         )
+        out.logits = self.head(out.summary)
+        out.loss = F.cross_entropy(out.logits.float(), labels.to(out.logits.device)) if labels is not None else None
+        return out
 
-    def fuse(
-        self, encoded: torch.Tensor, token_mask: torch.Tensor, *, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """The fusion layers and head over already encoded tokens (B, N, F) with their mask (B, N).
+    def head(self, summary: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) from summary states (B, F)."""
+        return self.classifier(summary.to(self.classifier.weight.dtype))
 
-        Masking a modality's tokens here gives exactly the answer without that modality, since the encoders
-        never see each other: explanations use this to score every subset of modalities cheaply.
-        Returns logits (B, K), the final summary state (B, F) and the fusion attentions (when asked).
-        """
-        hidden, attentions = encoded, []
-        for layer in self.layers:
-            hidden, weights = layer(hidden, key_mask=token_mask, output_attentions=output_attentions)
-            if output_attentions:
-                attentions.append(weights)
-        summary_state = self.final_norm(hidden[:, 0])  # (B, F)
-        return self.classifier(summary_state.to(self.classifier.weight.dtype)), summary_state, attentions
+    def classify(self, encoded: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) of already encoded tokens (B, N, F) with their mask: [`FusionModel.fuse`] and the head."""
+        hidden, _ = self.fusion.fuse(encoded, token_mask)
+        return self.head(hidden[:, 0])

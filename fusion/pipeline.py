@@ -10,12 +10,11 @@ from typing import Any
 
 import torch
 
-from .configuration import MODALITIES
 from .explain import Explanation, counterfactuals, explain_item
-from .modeling import FusionModel
+from .modalities import HALF_PRECISIONS, MODALITIES, PRECISIONS, REGISTRY
+from .modeling import FusionForClassification, FusionOutput
 from .processing import FusionInputError, FusionProcessor
 
-PRECISIONS = ("auto", "int8", "fp16", "bf16", "fp32")
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
 
 
@@ -85,8 +84,8 @@ class _QuietCast(logging.Filter):
         return "inputs will be cast" not in record.getMessage()
 
 
-def load_model(path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> tuple[FusionModel, str, torch.device]:
-    """Load `FusionModel` from a checkpoint folder in a precision; returns the model, precision and device."""
+def load_model(path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> tuple[FusionForClassification, str, torch.device]:
+    """Load `FusionForClassification` from a checkpoint folder in a precision; returns the model, precision and device."""
     path = check_checkpoint(path)
     precision, device = resolve_precision(precision, device)
     if precision == "int8":
@@ -95,7 +94,7 @@ def load_model(path: str | Path, *, precision: str = "auto", device: str | torch
         # Norms, the head and the convolutions stay in fp32; bitsandbytes casts inputs of its
         # 8-bit matmuls to fp16 itself, and logs that on every call.
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietCast())
-        model = FusionModel.from_pretrained(
+        model = FusionForClassification.from_pretrained(
             path,
             quantization_config=BitsAndBytesConfig(load_in_8bit=True),
             use_safetensors=True,
@@ -104,7 +103,7 @@ def load_model(path: str | Path, *, precision: str = "auto", device: str | torch
         )
     else:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-        model = FusionModel.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
+        model = FusionForClassification.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
     return model.eval(), precision, device
 
 
@@ -112,7 +111,7 @@ class FusionPipeline:
     """Loads a fusion checkpoint once and answers `image=`, `text=`, `audio=` (any non-empty subset).
 
     Args:
-        model (`FusionModel`): a loaded model (see `from_pretrained`).
+        model (`FusionForClassification`): a loaded model (see `from_pretrained`).
         processor (`FusionProcessor`): its processor.
         precision (`str`): the precision the model was loaded in, for display.
         name (`str`): the checkpoint's name, for display.
@@ -126,7 +125,7 @@ class FusionPipeline:
         ```
     """
 
-    def __init__(self, model: FusionModel, processor: FusionProcessor, *, precision: str = "fp32", name: str = "fusion"):
+    def __init__(self, model: FusionForClassification, processor: FusionProcessor, *, precision: str = "fp32", name: str = "fusion"):
         self.model, self.processor = model, processor
         self.precision, self.name = precision, name
         self.device = next(model.parameters()).device
@@ -197,20 +196,31 @@ class FusionPipeline:
             raise FusionInputError(f"layer must be in 0..{config.num_hidden_layers - 1}, got {layer}")
         if head is not None and not 0 <= head < config.num_attention_heads:
             raise FusionInputError(f"head must be in 0..{config.num_attention_heads - 1}, got {head}")
-        probs, explanation, output = explain_item(self, batch, method=method, target=target, layer=layer, head=head)
+        info = batch["meta"][0]
+        probs, explanation, output = explain_item(
+            self.model, self.model_inputs(batch), info, method=method,
+            target=None if target is None else self.labels.index(target), layer=layer, head=head,
+            frame_seconds=self.processor.settings.audio.hop_length / self.processor.settings.audio.sampling_rate,
+        )
+        if info.get("text_truncated"):
+            explanation.notes.append(f"the text was truncated to {self.processor.settings.text.max_tokens} tokens")
         index = self.labels.index(explanation.target)
-        present = batch["meta"][0]["modalities"]
-        explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(self, output, present, index)
+        explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(
+            self.model, output, info["modalities"], index)
         explanation.seconds = time.perf_counter() - started
         return probs, explanation
 
-    def forward(self, batch: dict[str, Any], *, output_attentions: bool = False):
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A processed batch's tensors on the model's device, floating ones in its dtype when it is half."""
         inputs = {k: v.to(self.device) for k, v in self.processor.model_inputs(batch).items()}
-        if self.precision in ("fp16", "bf16"):
+        if self.precision in HALF_PRECISIONS:
             dtype = next(self.model.parameters()).dtype
             inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        return inputs
+
+    def forward(self, batch: dict[str, Any], *, output_attentions: bool = False) -> FusionOutput:
         with torch.inference_mode():
-            return self.model(**inputs, output_attentions=output_attentions)
+            return self.model(**self.model_inputs(batch), output_attentions=output_attentions)
 
     def _prediction(self, row: torch.Tensor, info: dict[str, Any], timings: dict[str, float]) -> Prediction:
         probs = {label: float(p) for label, p in zip(self.labels, row.tolist())}
@@ -228,13 +238,13 @@ def _drop_empty(item: Any) -> Any:
 def _item_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:
     """Row `index` of a processed batch, as a batch of one (text trimmed of padding)."""
     item = {k: v[index : index + 1] for k, v in batch.items() if k != "meta"}
-    if "input_ids" in item:
-        length = max(1, int(item["attention_mask"].sum()))
-        item["input_ids"], item["attention_mask"] = item["input_ids"][:, :length], item["attention_mask"][:, :length]
-    for modality in MODALITIES:
-        if f"{modality}_mask" in item and not item[f"{modality}_mask"].any():
-            for key in {"image": ("pixel_values",), "audio": ("audio_values",), "text": ("input_ids", "attention_mask")}[modality]:
+    for modality in (REGISTRY[m] for m in MODALITIES):
+        if modality.mask in item and not item[modality.mask].any():
+            for key in modality.tensors:
                 item.pop(key)
-            item.pop(f"{modality}_mask")
+        elif len(modality.inputs) > 1 and modality.main_input in item:  # a padded sequence: cut to its length
+            sequence, attention = modality.inputs[:2]
+            length = max(1, int(item[attention].sum()))
+            item[sequence], item[attention] = item[sequence][:, :length], item[attention][:, :length]
     item["meta"] = [batch["meta"][index]]
     return item

@@ -12,11 +12,50 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .explain import GROUPS, Explanation, colorize, normalise, overlay
+from .explain import GROUPS, Explanation, normalise
 from .processing import open_image
 
 AXIS_HEIGHT = 22
 MATRIX_CELL = 64
+
+
+def _colormap_table(name: str) -> np.ndarray:
+    """A 256×3 uint8 table of viridis or cividis, interpolated from anchor colours of those maps."""
+    anchors = {
+        "viridis": [(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142), (31, 158, 137),
+                    (53, 183, 121), (109, 205, 89), (180, 222, 44), (253, 231, 37)],
+        "cividis": [(0, 34, 78), (18, 53, 112), (59, 73, 108), (87, 93, 109), (112, 113, 115), (138, 134, 120),
+                    (165, 156, 116), (195, 179, 105), (225, 204, 85), (254, 232, 56)],
+    }
+    if name not in anchors:
+        raise ValueError(f"colour map must be viridis or cividis, got {name!r}")
+    points = np.array(anchors[name], dtype=np.float32)
+    positions = np.linspace(0, 1, len(points))
+    grid = np.linspace(0, 1, 256)
+    return np.stack([np.interp(grid, positions, points[:, c]) for c in range(3)], axis=1).astype(np.uint8)
+
+
+_TABLES: dict[str, np.ndarray] = {}
+
+
+def colorize(heatmap: np.ndarray, *, cmap: str = "viridis") -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 through a perceptual colour map."""
+    table = _TABLES.setdefault(cmap, _colormap_table(cmap))
+    return table[(np.clip(heatmap, 0, 1) * 255).astype(np.uint8)]
+
+
+def overlay(base: np.ndarray | Image.Image, heatmap: np.ndarray, *, alpha: float = 0.5, cmap: str = "viridis") -> np.ndarray:
+    """Blend a heatmap over an image of the same height and width; returns (H, W, 3) uint8."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not (isinstance(base, np.ndarray) and base.ndim == 3 and base.shape[2] == 3 and base.dtype == np.uint8):
+        base = np.asarray((Image.fromarray(base) if isinstance(base, np.ndarray) else base).convert("RGB"))
+    base = base.astype(np.float32)
+    if base.shape[:2] != heatmap.shape:
+        raise ValueError(f"heatmap {heatmap.shape} does not match the image {base.shape[:2]}")
+    colours = colorize(heatmap, cmap=cmap).astype(np.float32)
+    weight = alpha * np.clip(heatmap, 0, 1)[..., None]  # irrelevant pixels keep the image
+    return (base * (1 - weight) + colours * weight).astype(np.uint8)
 
 
 def for_display(heatmap: np.ndarray) -> np.ndarray:

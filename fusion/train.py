@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .configuration import MODALITIES, FusionConfig
+from .configuration import FusionConfig
 from .data import phrases
 from .data.audio_bank import audio_bank, encode_waves, garbage_waves
 from .data.examples import Augment, ExampleMaker, Pools, collate, image_pool, wave_pool
@@ -58,7 +58,8 @@ from .evaluate import (
     load_pools,
     paired_examples,
 )
-from .modeling import FusionModel, ModalityEncoder
+from .modalities import MODALITIES
+from .modeling import FusionForClassification, ModalityEncoder
 from .pipeline import FusionPipeline
 from .processing import (
     AudioSettings,
@@ -133,7 +134,7 @@ class FusionObjective(nn.Module):
     that distributed training sees a single forward.
     """
 
-    def __init__(self, model: FusionModel):
+    def __init__(self, model: FusionForClassification):
         super().__init__()
         self.model = model
 
@@ -147,7 +148,7 @@ class FusionObjective(nn.Module):
                 continue
             keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, end)]).to(labels.device)
             encoded = out.encoded[rows][:, keep]  # (R, 1 + T_modality, F)
-            logits, _, _ = self.model.fuse(encoded, out.token_mask[rows][:, keep])
+            logits = self.model.classify(encoded, out.token_mask[rows][:, keep])
             loss = loss + F.cross_entropy(logits.float(), labels[rows], reduction="sum") / len(labels)
         return loss
 
@@ -385,10 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
                             conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
                             text_width=args.text_width, audio_config=audio_config)
     set_seed(args.seed)
-    model = FusionModel(config)
+    model = FusionForClassification(config)
     banks = {}
     if args.audio_encoder == "whisper":
-        speech = model.encoders["audio"]
+        speech = model.fusion.encoders["audio"]
         if whisper_state is not None:
             speech.encoder.load_state_dict(whisper_state)
         speech.encoder.requires_grad_(False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion import FusionConfig, FusionModel
+from fusion import FusionConfig, FusionForClassification
 from fusion.data import phrases
 from fusion.processing import FusionProcessor, build_tokenizer
 
@@ -43,7 +43,7 @@ def processor(tokenizer):
 @pytest.fixture()
 def model():
     torch.manual_seed(0)
-    return FusionModel(tiny_config()).eval()
+    return FusionForClassification(tiny_config()).eval()
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +51,7 @@ def tiny_checkpoint(tmp_path_factory, tokenizer, processor):
     """A saved random tiny model with its processor: a self-describing checkpoint folder."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    FusionModel(tiny_config(text_config=dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer)))).save_pretrained(folder)
+    FusionForClassification(tiny_config(text_config=dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer)))).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

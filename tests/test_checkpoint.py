@@ -8,8 +8,7 @@ import soundfile
 from fusion import FusionPipeline
 from fusion.data.heldout import microphone_recording
 from fusion.data.sources import list_fsdd, load_mnist
-from fusion.evaluate import evaluate
-from fusion.explain import attribution_test, audio_deletion, image_deletion
+from fusion.evaluate import attribution_test, audio_deletion, evaluate, image_deletion
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "assets" / "fusion-digits"

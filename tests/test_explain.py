@@ -6,12 +6,11 @@ from fusion import FusionPipeline
 from fusion.explain import (
     attention_matrix,
     chefer_relevance,
-    colorize,
-    overlay,
     rollout,
     shapley_values,
     text_pieces,
 )
+from fusion.render import colorize, overlay
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
-from fusion import FusionConfig, FusionModel
+from fusion import FusionConfig, FusionForClassification, FusionModel
 from fusion.modeling import FusionAttention
 
 from .conftest import random_inputs, tiny_config
@@ -119,7 +119,7 @@ def test_loss_with_labels(model):
 def test_save_and_load_give_identical_logits(model, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    loaded = FusionModel.from_pretrained(tmp_path).eval()
+    loaded = FusionForClassification.from_pretrained(tmp_path).eval()
     inputs = random_inputs(2)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, loaded(**inputs).logits, rtol=0, atol=0)
@@ -130,16 +130,16 @@ def test_8bit_load_on_cpu(model, tmp_path):
     from transformers import BitsAndBytesConfig
 
     model.save_pretrained(tmp_path)
-    quantized = FusionModel.from_pretrained(
+    quantized = FusionForClassification.from_pretrained(
         tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto", dtype=torch.float32
     ).eval()
-    assert isinstance(quantized.layers[0].attention.query, bnb.nn.Linear8bitLt)
-    assert isinstance(quantized.layers[1].mlp.down, bnb.nn.Linear8bitLt)
-    assert isinstance(quantized.encoders["text"].encoder.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
-    assert isinstance(quantized.encoders["audio"].projection, bnb.nn.Linear8bitLt)
+    assert isinstance(quantized.fusion.layers[0].attention.query, bnb.nn.Linear8bitLt)
+    assert isinstance(quantized.fusion.layers[1].mlp.down, bnb.nn.Linear8bitLt)
+    assert isinstance(quantized.fusion.encoders["text"].encoder.encoder.layer[0].attention.self.query, bnb.nn.Linear8bitLt)
+    assert isinstance(quantized.fusion.encoders["audio"].projection, bnb.nn.Linear8bitLt)
     assert type(quantized.classifier) is torch.nn.Linear
     assert quantized.classifier.weight.dtype == torch.float32
-    assert quantized.final_norm.weight.dtype == torch.float32
+    assert quantized.fusion.final_norm.weight.dtype == torch.float32
     assert quantized.get_memory_footprint() < 0.7 * model.get_memory_footprint()
     inputs = random_inputs(4)
     with torch.no_grad():
@@ -152,10 +152,10 @@ def test_from_encoders_loads_pretrained_weights(tmp_path):
     bert = BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                 intermediate_size=64, max_position_embeddings=32))
     bert.save_pretrained(tmp_path / "text-encoder")
-    model = FusionModel.from_encoders(text=str(tmp_path / "text-encoder"), hidden_size=32, num_attention_heads=4,
+    model = FusionForClassification.from_encoders(text=str(tmp_path / "text-encoder"), hidden_size=32, num_attention_heads=4,
                                       id2label={0: "a", 1: "b"})
     assert model.config.text_config.vocab_size == 120
-    loaded = model.encoders["text"].encoder.embeddings.word_embeddings.weight
+    loaded = model.fusion.encoders["text"].encoder.embeddings.word_embeddings.weight
     torch.testing.assert_close(loaded, bert.embeddings.word_embeddings.weight)
     out = model(input_ids=torch.randint(0, 120, (2, 6)))
     assert out.logits.shape == (2, 2)
@@ -169,11 +169,11 @@ def test_8bit_convnext_with_outlier_activations(tmp_path):
     convnext = {"model_type": "convnext", "num_channels": 1, "patch_size": 4, "num_stages": 2,
                 "hidden_sizes": [16, 32], "depths": [1, 1], "layer_scale_init_value": 0.0}
     torch.manual_seed(0)
-    model = FusionModel(tiny_config(image_config=convnext)).eval()
+    model = FusionForClassification(tiny_config(image_config=convnext)).eval()
     with torch.no_grad():
-        model.encoders["image"].encoder.embeddings.layernorm.weight.mul_(20.0)  # activations well above 6
+        model.fusion.encoders["image"].encoder.embeddings.layernorm.weight.mul_(20.0)  # activations well above 6
     model.save_pretrained(tmp_path)
-    quantized = FusionModel.from_pretrained(
+    quantized = FusionForClassification.from_pretrained(
         tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto", dtype=torch.float32
     ).eval()
     pixels = torch.randn(2, 1, 28, 28)
@@ -181,3 +181,45 @@ def test_8bit_convnext_with_outlier_activations(tmp_path):
         reference, approximate = model(pixel_values=pixels).logits, quantized(pixel_values=pixels).logits
     assert approximate.shape == (2, 10)
     assert (reference - approximate).abs().max() < 0.1 * reference.abs().max() + 1e-2
+
+
+def test_base_model_returns_summary_and_pooled_embeddings_and_the_head_reads_the_summary(model):
+    inputs = random_inputs(3, text_length=7)
+    mask = torch.tensor([True, False, True])
+    with torch.no_grad():
+        out = model(**inputs, audio_mask=mask)
+        base = model.fusion(**inputs, audio_mask=mask)
+    assert base.logits is None and base.loss is None
+    assert base.summary.shape == (3, 32) and base.last_hidden_state.shape == (3, 74, 32)
+    torch.testing.assert_close(out.logits, model.classifier(base.summary))
+    assert set(base.modality_embeds) == {"image", "text", "audio"}
+    assert all(e.shape == (3, 32) for e in base.modality_embeds.values())
+    assert base.modality_embeds["audio"][1].abs().max() == 0  # the item without audio has no audio embedding
+    # An item's embedding of one modality is its own: the same whatever else it (or its batch) carries.
+    with torch.no_grad():
+        alone = model.fusion(pixel_values=inputs["pixel_values"][:1])
+    torch.testing.assert_close(alone.modality_embeds["image"][0], base.modality_embeds["image"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_of_base_and_head_load_into_each_other(model, tmp_path):
+    model.save_pretrained(tmp_path / "head")
+    base = FusionModel.from_pretrained(tmp_path / "head").eval()
+    assert torch.equal(base.summary_token, model.fusion.summary_token)
+    base.save_pretrained(tmp_path / "base")
+    head = FusionForClassification.from_pretrained(tmp_path / "base")
+    assert torch.equal(head.fusion.layers[0].attention.query.weight, model.fusion.layers[0].attention.query.weight)
+
+
+def test_a_checkpoint_written_before_the_head_split_loads_unchanged(model, tmp_path):
+    """Earlier checkpoints (the shipped one among them) name the base model's weights without the `fusion.` prefix."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("fusion."): v for k, v in weights.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    assert not any(k.startswith("fusion.") for k in load_file(tmp_path / "model.safetensors"))
+    loaded = FusionForClassification.from_pretrained(tmp_path).eval()
+    inputs = random_inputs(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, loaded(**inputs).logits, rtol=0, atol=0)

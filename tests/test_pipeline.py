@@ -48,7 +48,7 @@ def test_int8_pipeline_on_cpu_is_close_to_fp32(tiny_checkpoint, pipe, digit_imag
 
     int8 = FusionPipeline.from_pretrained(tiny_checkpoint, precision="int8", device="cpu")
     assert int8.precision == "int8" and "int8" in int8.description
-    assert isinstance(int8.model.layers[0].attention.key, bnb.nn.Linear8bitLt)
+    assert isinstance(int8.model.fusion.layers[0].attention.key, bnb.nn.Linear8bitLt)
     a, b = pipe(image=digit_image, text="seven", audio=tone), int8(image=digit_image, text="seven", audio=tone)
     assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 0.05
 

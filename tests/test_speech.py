@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import WhisperFeatureExtractor
 
-from fusion import FusionModel, speech
+from fusion import FusionForClassification, speech
 from fusion.explain import token_grid
 from fusion.modeling import ModalityEncoder
 from fusion.processing import (
@@ -182,9 +182,9 @@ def test_converted_encoder_matches_the_source_runtime():
     assert np.abs(ours - expected).max() < 1e-3
 
 
-def whisper_model() -> FusionModel:
+def whisper_model() -> FusionForClassification:
     torch.manual_seed(0)
-    return FusionModel(tiny_config(audio_config=tiny_whisper_config())).eval()
+    return FusionForClassification(tiny_config(audio_config=tiny_whisper_config())).eval()
 
 
 def test_fusion_over_whisper_tokens_and_precomputed_states():
@@ -195,9 +195,9 @@ def test_fusion_over_whisper_tokens_and_precomputed_states():
     image_tokens = out.modality_spans["image"][1] - out.modality_spans["image"][0]
     assert out.modality_spans["audio"][1] - out.modality_spans["audio"][0] == 50  # one token per two frames
     assert out.encoded.shape[1] == 1 + image_tokens + 7 + 50
-    assert token_grid(model.encoders["audio"].encoder, (80, 100)) == (0, 1, 50)
+    assert token_grid(model.fusion.encoders["audio"].encoder, (80, 100)) == (0, 1, 50)
     with torch.no_grad():
-        states = model.encoders["audio"].encoder(audio).last_hidden_state
+        states = model.fusion.encoders["audio"].encoder(audio).last_hidden_state
         cached = model(audio_encoder_states=states)
         direct = model(audio_values=audio)
     assert torch.allclose(cached.logits, direct.logits, atol=1e-5)
@@ -214,8 +214,8 @@ def test_from_encoders_takes_the_encoder_of_a_whisper_checkpoint(tmp_path):
                            max_source_positions=50, max_target_positions=20)
     torch.manual_seed(0)
     WhisperModel(config).save_pretrained(tmp_path)
-    model = FusionModel.from_encoders(audio=str(tmp_path), hidden_size=32, num_attention_heads=4,
+    model = FusionForClassification.from_encoders(audio=str(tmp_path), hidden_size=32, num_attention_heads=4,
                                       id2label={0: "no", 1: "yes"})
     source = WhisperModel.from_pretrained(tmp_path).get_encoder()
-    assert torch.equal(model.encoders["audio"].encoder.layers[0].fc1.weight, source.layers[0].fc1.weight)
+    assert torch.equal(model.fusion.encoders["audio"].encoder.layers[0].fc1.weight, source.layers[0].fc1.weight)
     assert model(audio_values=torch.randn(1, 80, 100)).logits.shape == (1, 2)

@@ -112,7 +112,7 @@ def test_objective_adds_each_real_modality_alone(processor, tokenizer):
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)
-    model = train.FusionModel(tiny_config(text_config={"model_type": "bert", "vocab_size": len(tokenizer),
+    model = train.FusionForClassification(tiny_config(text_config={"model_type": "bert", "vocab_size": len(tokenizer),
                                                        "hidden_size": 32, "num_hidden_layers": 2,
                                                        "num_attention_heads": 4, "intermediate_size": 64,
                                                        "max_position_embeddings": 64})).eval()

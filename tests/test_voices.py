@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion import FusionModel
+from fusion import FusionForClassification
 from fusion.data import synthetic
 from fusion.data.audio_bank import audio_bank, encode_waves
 from fusion.data.heldout import microphone_recording
@@ -83,7 +83,7 @@ def whisper_processor(tokenizer):
 
 def test_bank_holds_the_clean_clip_first_and_reuses_its_cache(whisper_processor, tmp_path):
     torch.manual_seed(0)
-    encoder = FusionModel(tiny_config(audio_config=tiny_whisper_config())).encoders["audio"].eval()
+    encoder = FusionForClassification(tiny_config(audio_config=tiny_whisper_config())).fusion.encoders["audio"].eval()
     pool = {3: [sine(180), sine(260)], 5: [sine(330)]}
     bank = audio_bank(encoder, whisper_processor, pool, variants=3, augment=VoiceAugment(), seed=0, cache=tmp_path)
     assert sorted(bank) == [3, 5] and len(bank[3]) == 2

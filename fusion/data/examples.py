@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchaudio
 from torchvision.transforms import v2
 
-from ..configuration import MODALITIES
+from ..modalities import MODALITIES
 from ..processing import FusionProcessor, load_waveform, prepare_image, prepare_waveform
 from . import phrases
 

@@ -1,0 +1,98 @@
+"""The one place that knows what a modality is: its name, the tensors that carry it, its slot in the fused
+sequence, and how its encoder's tokens map back onto the input.
+
+Adding a modality (video, tabular) is a new `Modality` entry here, its encoder's default sub-config in
+configuration.py, its tensor in `FusionModel.forward`'s signature, and its processor; everything else (the
+model's loop over modalities, batching, masks, subset names, explanations' grids) reads this registry.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One input modality.
+
+    Args:
+        name (`str`): `image`, `text`, `audio`; also the item key users pass and `{name}_config` in the config.
+        inputs (`tuple[str, ...]`): the batch tensors that carry it, the encoder's main input first
+            (`("input_ids", "attention_mask")` for text).
+        grid (`str`): how its tokens map back onto the input: `spatial` (a 2-D grid over pixels or spectrogram
+            cells, relevance also weighted by gradient × input) or `sequence` (one score per token, mapped to text
+            pieces by their offsets).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    grid: str
+
+    @property
+    def main_input(self) -> str:
+        return self.inputs[0]
+
+    @property
+    def mask(self) -> str:
+        """The batch tensor (B,) bool saying which items carry this modality."""
+        return f"{self.name}_mask"
+
+    @property
+    def embedding_index(self) -> int:
+        """Its row of the model's modality embeddings (row 0 tags the summary token)."""
+        return MODALITIES.index(self.name) + 1
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """Every batch tensor of this modality, presence mask included."""
+        return (*self.inputs, self.mask)
+
+
+# The fused sequence's order (summary, image, text, audio) and the rows of the modality embeddings: fixed by
+# the checkpoints, so a new modality is appended.
+REGISTRY: dict[str, Modality] = {
+    m.name: m
+    for m in (
+        Modality("image", ("pixel_values",), grid="spatial"),
+        Modality("text", ("input_ids", "attention_mask"), grid="sequence"),
+        Modality("audio", ("audio_values",), grid="spatial"),
+    )
+}
+MODALITIES: tuple[str, ...] = tuple(REGISTRY)
+
+# Names of subsets (`image+audio+text`, in evaluation reports, training logs and model cards) list modalities
+# in this order, which predates the registry; it is kept so that those keys stay comparable.
+NAME_ORDER: tuple[str, ...] = ("image", "audio", "text")
+
+# Precisions a checkpoint loads in; `auto` is 8-bit on a CUDA GPU and fp32 on a CPU.
+PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp16", "bf16", "fp32")
+HALF_PRECISIONS: tuple[str, ...] = ("fp16", "bf16")
+
+
+def modality(name: str) -> Modality:
+    """The registry entry of `name`, or a `ValueError` naming the known modalities."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown modality {name!r}; expected one of {', '.join(MODALITIES)}")
+    return REGISTRY[name]
+
+
+def subset_key(subset: Iterable[str]) -> str:
+    """The name of a set of modalities, e.g. `image+audio+text`."""
+    chosen = set(subset)
+    return "+".join(m for m in NAME_ORDER if m in chosen)
+
+
+def subsets(present: Iterable[str] = MODALITIES) -> list[tuple[str, ...]]:
+    """Every non-empty subset of `present`, smallest first, each in `NAME_ORDER`."""
+    ordered = [m for m in NAME_ORDER if m in set(present)]
+    return [s for r in range(1, len(ordered) + 1) for s in itertools.combinations(ordered, r)]
+
+
+SUBSET_KEYS: list[str] = [subset_key(s) for s in subsets()]
+
+
+def present_modalities(batch: dict, row: int = 0) -> list[str]:
+    """The modalities that item `row` of a processed batch carries, in the fused order."""
+    return [m for m in MODALITIES if REGISTRY[m].mask in batch and bool(batch[REGISTRY[m].mask][row])]
