@@ -101,7 +101,7 @@ def explain_unreadable_images(component: gr.Sketchpad) -> gr.Sketchpad:
                 raise gr.Error(str(specific)) from None
             raise gr.Error(f"could not read the image ({type(error).__name__}); accepted: PNG, JPEG, GIF, BMP, WebP, TIFF") from None
 
-    component.preprocess = preprocess
+    setattr(component, "preprocess", preprocess)  # on this instance only
     return component
 
 
@@ -144,6 +144,7 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
     pictures = save(shown, FOLDERS.new())
     clock.mark("save")
     explanation = prediction.explanation
+    assert explanation is not None  # asked for with explain=True
     rows = [[m, round(explanation.modality_shares.get(m, 0.0), 3), round(explanation.shapley.get(m, 0.0), 3),
              f"{explanation.counterfactuals[m][0]} ({explanation.counterfactuals[m][1]:.0%})"]
             for m in prediction.modalities]
@@ -235,7 +236,7 @@ class AnswerFolders:
 
     def new(self) -> Path:
         now = self.clock()
-        expired = []
+        expired: list[str] = []
         with self._lock:
             while self._made and len(expired) < PRUNE_PER_FOLDER and now - self._made[0][0] > self.keep_s:
                 expired.append(self._made.popleft()[1])
@@ -383,7 +384,7 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
                      api_name="predict", show_progress="full")
         prepare.click(export, [state, alpha, layer, head], download, api_name="export", show_progress="minimal")
         for control in (alpha, layer, head):
-            control.change(render, [state, alpha, layer, head], [image_out, audio_out, attention], api_name=False,
+            control.change(render, [state, alpha, layer, head], [image_out, audio_out, attention], api_visibility="private",
                            show_progress="hidden")
     return demo
 

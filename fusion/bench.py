@@ -24,6 +24,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -41,7 +42,7 @@ from .render import (
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
-ITEM = {"image": str(EXAMPLES / "digit-7.png"), "text": "sieben", "audio": str(EXAMPLES / "spoken-7.wav")}
+ITEM: dict[str, Any] = {"image": str(EXAMPLES / "digit-7.png"), "text": "sieben", "audio": str(EXAMPLES / "spoken-7.wav")}
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -288,6 +289,8 @@ def serve_floor(model: str, port: int, app_file: Path) -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("fusion_app", app_file)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{app_file} cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if hasattr(module, "tune_for_serving"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
@@ -123,6 +125,12 @@ class FusionConfig(PretrainedConfig):
                     f"FusionConfig.{modality}_config has model_type {sub.model_type!r}, which AutoModel cannot build; "
                     "use an encoder family such as 'bert', 'vit', 'resnet' or 'audio-spectrogram-transformer'"
                 )
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes' names in index order (`id2label` as a list)."""
+        id2label = cast(dict[int, str], self.id2label or {})
+        return [str(id2label[i]) for i in range(len(id2label))]
 
     def modality_config(self, modality: str) -> PretrainedConfig:
         """The encoder config of `modality` (one of `MODALITIES`)."""

@@ -63,7 +63,7 @@ def garbage_pools(pipeline: FusionPipeline, *, count: int = 50, seed: int = 0) -
     return {"image": images, "audio": clips, "text": texts}
 
 
-def paired_examples(pools: dict, subset: tuple[str, ...], *, garbage: dict[str, list] | None = None, replace: str | None = None) -> list[dict]:
+def paired_examples(pools: dict, subset: tuple[str, ...], *, garbage: dict[str, Any] | None = None, replace: str | None = None) -> list[dict]:
     """The k-th item of each modality of the same label, cycling through shorter lists; `replace` swaps one
     modality for garbage."""
     labels = sorted(set.intersection(*(set(pools[m]) for m in subset if m != replace)))
@@ -73,7 +73,7 @@ def paired_examples(pools: dict, subset: tuple[str, ...], *, garbage: dict[str, 
         for k in range(count):
             example = {"label": label}
             for modality in subset:
-                source = garbage[modality] if modality == replace else pools[modality][label]
+                source = (garbage or {})[modality] if modality == replace else pools[modality][label]
                 example[modality] = source[(k + label) % len(source)] if modality == replace else source[k % len(source)]
             examples.append(example)
     return examples
@@ -86,7 +86,7 @@ def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128
     audio = pools.get("audio")
     if not audio:
         return pools
-    modality = pipeline.model.fusion.encoders["audio"]
+    modality = pipeline.model.fusion.encoder_of("audio")
     encoder = modality.encoder
     was_training = encoder.training
     encoder.eval()
@@ -122,7 +122,7 @@ def accuracy(pipeline: FusionPipeline, examples: list[dict], *, batch_size: int 
             labels = batch.pop("labels")
             if audio_states and "audio_values" in batch:
                 batch["audio_encoder_states"] = batch.pop("audio_values")
-            logits = pipeline.forward(batch).logits.float().cpu()
+            logits = pipeline.logits(batch).float().cpu()
             correct += int((logits.argmax(dim=-1) == labels).sum())
     finally:
         pipeline.model.train(was_training)
@@ -312,7 +312,7 @@ def audio_deletion(pipeline, clips: list[Any], labels: list[int], *, fraction: f
         variants += [masked(order[: int(round(f * frames))]) for f in grid]
         variants += [kept(order[: int(round(f * frames))]) for f in grid]
         batch = {"audio_values": torch.stack(variants), "audio_mask": torch.ones(len(variants), dtype=torch.bool)}
-        probs = pipeline.forward(batch).logits.float().softmax(dim=-1)[:, label].cpu().numpy()
+        probs = pipeline.logits(batch).float().softmax(dim=-1)[:, label].cpu().numpy()
         relevant.append(probs[0] - probs[1])
         random_.append(probs[0] - probs[2])
         curves_del.append(probs[3 : 3 + len(grid)])

@@ -28,6 +28,8 @@ from .modalities import MODALITIES, REGISTRY, subset_key
 from .processing import ImageGeometry
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from .modeling import FusionForClassification, FusionOutput
 
 METHODS = ("relevance", "rollout", "attention")
@@ -154,7 +156,7 @@ def normalise(values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------- mapping to inputs
 
 
-def token_grid(encoder: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def token_grid(encoder: PreTrainedModel, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(special tokens first, grid height, grid width) of a grid-shaped encoder's tokens."""
     config = encoder.config
     if getattr(config, "hidden_sizes", None):  # convolutional: ask the encoder once per input shape
@@ -167,20 +169,21 @@ def token_grid(encoder: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[
             cache[tuple(input_shape)] = (int(features.shape[-2]), int(features.shape[-1]))
         return (0, *cache[tuple(input_shape)])
     if config.model_type == "audio-spectrogram-transformer":
-        return (2, *encoder.embeddings.get_shape(config))
+        height, width = getattr(encoder, "embeddings").get_shape(config)
+        return (2, int(height), int(width))
     if config.model_type == "whisper":  # one token per two frames, each spanning every mel bin
-        return (0, 1, config.max_source_positions)
-    side = config.image_size // config.patch_size
+        return (0, 1, int(config.max_source_positions))
+    side = int(config.image_size) // int(config.patch_size)
     return (1, side, side)
 
 
-def cell_gradients(encoder: torch.nn.Module) -> bool:
+def cell_gradients(encoder: PreTrainedModel) -> bool:
     """Whether an encoder's token relevance is spread over its input cells by gradient × input: convolutional
     encoders, whose tokens are coarse cells, and Whisper, whose tokens are whole columns of the spectrogram."""
     return bool(getattr(encoder.config, "hidden_sizes", None)) or encoder.config.model_type == "whisper"
 
 
-def _grid_map(token_scores: torch.Tensor, encoder: torch.nn.Module, spatial: tuple[int, int], encoder_shape: tuple[int, ...]) -> torch.Tensor:
+def _grid_map(token_scores: torch.Tensor, encoder: PreTrainedModel, spatial: tuple[int, ...], encoder_shape: tuple[int, ...]) -> torch.Tensor:
     """Token scores of a grid encoder spread over the input's (height, width)."""
     special, height, width = token_grid(encoder, encoder_shape)
     grid = token_scores[special : special + height * width].reshape(1, 1, height, width)
@@ -196,7 +199,7 @@ def image_to_given(square: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
     inner_h = max(1, round((bottom - top) * geometry.scale))
     inner = square[off_y : off_y + inner_h, off_x : off_x + inner_w]
     if inner.size:
-        resized = Image.fromarray(inner.astype(np.float32), mode="F").resize((right - left, bottom - top), Image.BILINEAR)
+        resized = Image.fromarray(inner.astype(np.float32), mode="F").resize((right - left, bottom - top), Image.Resampling.BILINEAR)
         out[top:bottom, left:right] = np.asarray(resized)
     return normalise(out)
 
@@ -265,7 +268,7 @@ def explain_item(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = model.config.class_names
     notes: list[str] = []
     # Relevance differentiates the answer with respect to the grid inputs (gradient × input within each cell).
     grid_inputs = [REGISTRY[m].main_input for m in MODALITIES if REGISTRY[m].grid == "spatial"]
@@ -297,11 +300,14 @@ def explain_item(
         target_index = int(probs.argmax()) if target is None else target
         gradients = None
 
+    assert out.fusion_attentions is not None and out.modality_spans is not None and out.modality_mask is not None
+    assert out.token_mask is not None
     fusion = [a[0].detach().float().cpu() for a in out.fusion_attentions]  # L × (H, N, N)
     encoder_attentions = {m: [a[0].detach().float().cpu() for a in atts] for m, atts in (out.encoder_attentions or {}).items()}
     encoder_grads: dict[str, list[torch.Tensor]] = {}
     input_grads: dict[str, torch.Tensor] = {}
     if ran == "relevance":
+        assert gradients is not None
         grad_iter = iter(gradients)
         fusion_grads = [next(grad_iter)[0].float().cpu() for _ in fusion]
         encoder_grads = {m: [next(grad_iter)[0].float().cpu() for _ in encoder_attentions[m]] for m in encoder_attentions}
@@ -327,7 +333,7 @@ def explain_item(
             continue
         modality = REGISTRY[name]
         scores = token_relevance[s0:s1]
-        encoder = model.fusion.encoders[name].encoder
+        encoder = model.fusion.encoder_of(name).encoder
         if name in encoder_attentions:
             within = (chefer_relevance(encoder_attentions[name], encoder_grads[name]) if ran == "relevance"
                       else rollout(encoder_attentions[name]))
@@ -347,11 +353,11 @@ def explain_item(
             grad = input_grads[modality.main_input][0].detach().float().cpu().reshape(values.shape)
             signal = values - values.min()
             heat = heat * (grad * signal).abs().reshape(-1, *spatial).sum(dim=0)
-        heat = normalise(heat.numpy())
+        heat_map = normalise(heat.numpy())
         if name == "image":
-            explanation.image_heatmap = image_to_given(heat, info["image_geometry"])
+            explanation.image_heatmap = image_to_given(heat_map, info["image_geometry"])
         else:
-            explanation.audio_heatmap = heat
+            explanation.audio_heatmap = heat_map
             explanation.audio_spectrogram = values.numpy()
             explanation.audio_times = info["audio_start"] + np.arange(values.shape[-1]) * frame_seconds
 
@@ -377,8 +383,10 @@ def counterfactuals(
     A subset runs the fusion layers over its own tokens only, which equals masking the others (the fusion layers
     have no positions and the encoders never see each other) at a third of the cost of a padded batch of every
     subset; the full set is the explanation's own answer."""
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = model.config.class_names
     chosen = [s for r in range(1, len(present) + 1) for s in itertools.combinations(present, r)]
+    assert output.encoded is not None and output.token_mask is not None and output.modality_spans is not None
+    assert output.logits is not None
     encoded, real = output.encoded[0].detach(), output.token_mask[0]
     rows = []
     with torch.inference_mode():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -113,12 +114,14 @@ class ModalityEncoder(nn.Module):
         super().__init__()
         # Eager attention so that explanations can read (and differentiate) every encoder attention map;
         # these encoders are small, so the fused layers' SDPA path is where speed matters.
+        self.encoder: PreTrainedModel
         if config.model_type in ENCODER_ONLY:
             self.encoder = ENCODER_ONLY[config.model_type]._from_config(config, attn_implementation="eager")
         else:
             self.encoder = AutoModel.from_config(config, attn_implementation="eager")
-        if getattr(self.encoder, "pooler", None) is not None and any(True for _ in self.encoder.pooler.parameters()):
-            self.encoder.pooler = None  # unused, and unused parameters break distributed training
+        pooler = getattr(self.encoder, "pooler", None)
+        if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+            setattr(self.encoder, "pooler", None)  # unused, and unused parameters break distributed training
         self.projection = nn.Linear(encoder_width(config), fusion_width)
 
     def features(
@@ -127,7 +130,7 @@ class ModalityEncoder(nn.Module):
         """The encoder's token features (B, T, E) before the projection, and its attentions when asked and
         available. Spectrograms (B, mel, frames) are laid out as the encoder expects."""
         main_input = self.encoder.main_input_name
-        kwargs = {}
+        kwargs: dict[str, torch.Tensor | bool | None] = {}
         if main_input == "input_ids":
             kwargs["attention_mask"] = attention_mask
         elif inputs.dim() == 3 and main_input == "input_values":
@@ -182,17 +185,17 @@ class FusionOutput(ModelOutput):
             token and every modality's projected tokens), for `fuse` over a subset of them.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    summary: torch.FloatTensor | None = None
-    modality_embeds: dict[str, torch.FloatTensor] | None = None
-    last_hidden_state: torch.FloatTensor | None = None
-    fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
-    encoder_attentions: dict[str, tuple[torch.FloatTensor, ...]] | None = None
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    summary: torch.Tensor | None = None
+    modality_embeds: dict[str, torch.Tensor] | None = None
+    last_hidden_state: torch.Tensor | None = None
+    fusion_attentions: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: dict[str, tuple[torch.Tensor, ...]] | None = None
     modality_spans: dict[str, tuple[int, int]] | None = None
-    token_mask: torch.BoolTensor | None = None
-    modality_mask: dict[str, torch.BoolTensor] | None = None
-    encoded: torch.FloatTensor | None = None
+    token_mask: torch.Tensor | None = None
+    modality_mask: dict[str, torch.Tensor] | None = None
+    encoded: torch.Tensor | None = None
 
 
 def flatten_8bit_inputs(model: nn.Module) -> None:
@@ -212,10 +215,13 @@ def flatten_8bit_inputs(model: nn.Module) -> None:
                 return forward(x)
             return forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
-        module.forward, module._fusion_flattened = flat_forward, True
+        # A bitsandbytes layer found by name: set through setattr, as its class is not imported here.
+        setattr(module, "forward", flat_forward)
+        setattr(module, "_fusion_flattened", True)
 
 
 class FusionPreTrainedModel(PreTrainedModel):
+    config: FusionConfig
     config_class = FusionConfig
     base_model_prefix = "fusion"
     main_input_name = "input_ids"
@@ -256,7 +262,7 @@ class FusionPreTrainedModel(PreTrainedModel):
                 pretrained = AutoModel.from_pretrained(source)
                 if model.config.modality_config(name).model_type in ENCODER_ONLY:
                     pretrained = pretrained.get_encoder()  # e.g. Whisper: the encoder of a speech recogniser
-                encoder = model.base_model.encoders[name].encoder
+                encoder = cast(FusionModel, model.base_model).encoder_of(name).encoder
                 missing, _ = encoder.load_state_dict(pretrained.state_dict(), strict=False)
                 if missing:
                     raise ValueError(f"the {name} encoder at {source!r} lacks weights the model needs: {missing[:5]}")
@@ -301,6 +307,10 @@ class FusionModel(FusionPreTrainedModel):
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    def encoder_of(self, modality: str) -> ModalityEncoder:
+        """The encoder (and projection) of `modality`."""
+        return cast(ModalityEncoder, self.encoders[modality])
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -330,6 +340,7 @@ class FusionModel(FusionPreTrainedModel):
                  "audio_values": audio_values if audio_encoder_states is None else audio_encoder_states,
                  "image_mask": image_mask, "text_mask": text_mask, "audio_mask": audio_mask}
         out = self.encode(given, output_attentions=output_attentions, precomputed={"audio": audio_encoder_states is not None})
+        assert out.encoded is not None and out.token_mask is not None
         hidden, attentions = self.fuse(out.encoded, out.token_mask, output_attentions=output_attentions)
         out.last_hidden_state, out.summary = hidden, hidden[:, 0]
         out.fusion_attentions = tuple(attentions) if output_attentions else None
@@ -344,8 +355,8 @@ class FusionModel(FusionPreTrainedModel):
 
         `given` maps the registry's tensor names to tensors (or None); `precomputed[m]` says that modality `m`'s main
         input already holds its encoder's output (B, T, E)."""
-        batch = next((given[REGISTRY[m].main_input].shape[0] for m in MODALITIES
-                      if given.get(REGISTRY[m].main_input) is not None), None)
+        batch = next((tensor.shape[0] for m in MODALITIES if (tensor := given.get(REGISTRY[m].main_input)) is not None),
+                     None)
         if batch is None:
             names = ", ".join(REGISTRY[m].main_input for m in MODALITIES)
             raise ValueError(f"FusionModel needs at least one of {names}")
@@ -438,8 +449,8 @@ class FusionForClassification(FusionPreTrainedModel):
 
     def __init__(self, config: FusionConfig):
         super().__init__(config)
-        self.fusion = FusionModel(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.fusion: FusionModel = FusionModel(config)
+        self.classifier = nn.Linear(config.hidden_size, len(config.class_names))
         self.post_init()
 
     def forward(
@@ -461,6 +472,7 @@ class FusionForClassification(FusionPreTrainedModel):
             image_mask=image_mask, text_mask=text_mask, audio_mask=audio_mask, output_attentions=output_attentions,
             audio_encoder_states=audio_encoder_states,
         )
+        assert out.summary is not None
         out.logits = self.head(out.summary)
         out.loss = F.cross_entropy(out.logits.float(), labels.to(out.logits.device)) if labels is not None else None
         return out

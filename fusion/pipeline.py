@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -129,7 +129,7 @@ class FusionPipeline:
         self.model, self.processor = model, processor
         self.precision, self.name = precision, name
         self.device = next(model.parameters()).device
-        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        self.labels = model.config.class_names
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> FusionPipeline:
@@ -140,6 +140,16 @@ class FusionPipeline:
     def description(self) -> str:
         """For example `fusion-digits · int8 · cuda:0`."""
         return f"{self.name} · {self.precision} · {self.device}"
+
+    @overload
+    def __call__(self, items: None = None, *, image: Any = None, text: str | None = None, audio: Any = None,
+                 explain: bool = False, method: str = "relevance", target: str | None = None, layer: int | None = None,
+                 head: int | None = None) -> Prediction: ...
+
+    @overload
+    def __call__(self, items: list[dict], *, image: Any = None, text: str | None = None, audio: Any = None,
+                 explain: bool = False, method: str = "relevance", target: str | None = None, layer: int | None = None,
+                 head: int | None = None) -> list[Prediction]: ...
 
     def __call__(
         self,
@@ -172,7 +182,7 @@ class FusionPipeline:
         batch = self.processor(items)
         preprocessed = time.perf_counter()
         if not explain:
-            probs = self.forward(batch).logits.float().softmax(dim=-1).cpu()
+            probs = self.logits(batch).float().softmax(dim=-1).cpu()
             timings = {"preprocess": preprocessed - started, "forward": time.perf_counter() - preprocessed}
             predictions = [self._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
         else:
@@ -221,6 +231,12 @@ class FusionPipeline:
     def forward(self, batch: dict[str, Any], *, output_attentions: bool = False) -> FusionOutput:
         with torch.inference_mode():
             return self.model(**self.model_inputs(batch), output_attentions=output_attentions)
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits (B, K) of a processed batch, without gradients."""
+        logits = self.forward(batch).logits
+        assert logits is not None  # a classification model always gives them
+        return logits
 
     def _prediction(self, row: torch.Tensor, info: dict[str, Any], timings: dict[str, float]) -> Prediction:
         probs = {label: float(p) for label, p in zip(self.labels, row.tolist())}

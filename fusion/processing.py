@@ -299,7 +299,7 @@ def prepare_image(source: Any, settings: ImageSettings) -> tuple[np.ndarray, Ima
     crop = grey[box[1] : box[3], box[0] : box[2]]
     scale = settings.ink_box / max(crop.shape)
     new_w, new_h = max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))
-    small = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0), dtype=np.float64) / 255.0
+    small = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.float64) / 255.0
     # Centre of mass at the centre of the square, as MNIST's preparation does.
     total = small.sum()
     if total > 0:
@@ -393,15 +393,15 @@ def prepare_waveform(samples: np.ndarray, rate: int, settings: AudioSettings) ->
         raise FusionInputError(
             f"audio sampling rate {rate} Hz is outside {settings.min_rate:,}–{settings.max_rate:,} Hz"
         )
-    wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    signal = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     if rate != settings.sampling_rate:
         source = rate
         if rate // math.gcd(rate, settings.sampling_rate) > 1000:
             # A ratio like 399,999:8,000 makes torchaudio build a kernel of gigabytes; a rate rounded to
             # 50 Hz keeps it small and shifts pitch by well under 1%.
             source = max(50, round(rate / 50) * 50)
-        wave = torchaudio.functional.resample(wave, source, settings.sampling_rate)
-    wave = wave.numpy()
+        signal = torchaudio.functional.resample(signal, source, settings.sampling_rate)
+    wave = signal.numpy()
     if not np.isfinite(wave).all():
         raise FusionInputError("audio samples are too large to process (they overflow when resampled); is it really audio?")
     peak = float(np.abs(wave).max(initial=0.0))
@@ -509,7 +509,10 @@ class FusionProcessor:
             settings = ProcessorSettings.from_dict(json.loads((directory / PROCESSOR_FILE).read_text()))
         except (json.JSONDecodeError, TypeError) as error:
             raise ValueError(f"{directory / PROCESSOR_FILE} is damaged: {error}") from None
-        return cls(AutoTokenizer.from_pretrained(str(directory)), settings)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        if not isinstance(tokenizer, PreTrainedTokenizerFast):
+            raise ValueError(f"{directory / 'tokenizer.json'} is not a fast tokenizer (got {type(tokenizer).__name__})")
+        return cls(tokenizer, settings)
 
     # -- one modality at a time
 
@@ -573,8 +576,7 @@ class FusionProcessor:
         for index, (offsets, truncated) in text_rows.items():
             meta[index]["text_offsets"] = offsets
             meta[index]["text_truncated"] = truncated or len(items[index]["text"]) > len(meta[index]["text"])
-        batch["meta"] = meta
-        return batch
+        return {**batch, "meta": meta}
 
     def stack(self, features: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[int, tuple[list, bool]]]:
         """Batch already prepared items (`image` (1, size, size) and `audio` (mel, frames) tensors, `text`

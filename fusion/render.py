@@ -71,7 +71,7 @@ INK = {"black": (0, 0, 0), "white": (255, 255, 255)}
 
 
 @functools.cache
-def _font() -> ImageFont.ImageFont:
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
@@ -98,23 +98,31 @@ def base_image(image: Any) -> np.ndarray:
     return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
 
 
+def _needs(value: np.ndarray | None, what: str) -> np.ndarray:
+    """`value`, or a `ValueError` saying the explanation lacks it (its input had no such modality)."""
+    if value is None:
+        raise ValueError(f"the explanation has no {what}: the input lacked that modality")
+    return value
+
+
 def image_overlay(base: np.ndarray, explanation: Explanation, *, alpha: float = 0.5) -> np.ndarray:
     """`base_image(...)` with the explanation's relevance on top; (H, W, 3) uint8."""
-    return overlay(base, for_display(explanation.image_heatmap), alpha=alpha)
+    return overlay(base, for_display(_needs(explanation.image_heatmap, "image heatmap")), alpha=alpha)
 
 
 def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, scale: int = 4) -> np.ndarray:
     """The log-mel spectrogram in grey (low frequencies at the bottom) with relevance in colour and a time
     axis in seconds underneath; (mel·scale + axis, frames·scale, 3) uint8."""
-    spectrogram = normalise(explanation.audio_spectrogram - explanation.audio_spectrogram.min())
+    spectrogram = _needs(explanation.audio_spectrogram, "spectrogram")
+    spectrogram = normalise(spectrogram - spectrogram.min())
     grey = np.repeat((spectrogram[::-1] * 255).astype(np.uint8)[..., None], 3, axis=2)
-    picture = overlay(grey, for_display(explanation.audio_heatmap[::-1]), alpha=alpha)
-    height, width = picture.shape[0] * scale, picture.shape[1] * scale
-    picture = Image.fromarray(picture).resize((width, height), Image.NEAREST)
+    coloured = overlay(grey, for_display(_needs(explanation.audio_heatmap, "audio heatmap")[::-1]), alpha=alpha)
+    height, width = coloured.shape[0] * scale, coloured.shape[1] * scale
+    picture = Image.fromarray(coloured).resize((width, height), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (width, height + AXIS_HEIGHT), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    times = explanation.audio_times
+    times = _needs(explanation.audio_times, "audio times")
     step = _tick_step(times[-1] - times[0])
     first = np.ceil(times[0] / step) * step
     for tick in np.arange(first, times[-1] + 1e-9, step):
@@ -155,7 +163,7 @@ def attention_image(matrix: np.ndarray, present: list[str]) -> np.ndarray:
 
 def select_attention(explanation: Explanation, *, layer: int | None, head: int | None) -> np.ndarray:
     """The groups × groups matrix of one layer and head, or averaged over what is None."""
-    matrix = explanation.attention_matrix
+    matrix = _needs(explanation.attention_matrix, "attention matrix")
     matrix = matrix if layer is None else matrix[layer : layer + 1]
     matrix = matrix if head is None else matrix[:, head : head + 1]
     return matrix.mean(axis=(0, 1))

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ FRAMES_PER_SECOND = 100  # Whisper's mel hop is 10 ms; its second convolution ha
 # CTranslate2's type ids (include/ctranslate2/types.h): the order it writes them in model.bin.
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 # The log-mel front end Whisper was trained with (`fusion.processing.AudioSettings` fields).
-WHISPER_AUDIO_SETTINGS = {
+WHISPER_AUDIO_SETTINGS: dict[str, Any] = {
     "sampling_rate": 16000,
     "n_fft": 400,
     "hop_length": 160,

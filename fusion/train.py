@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
             audio_config = whisper.to_dict()
     processor = FusionProcessor(tokenizer, settings)
 
-    heldout_dir = None
+    heldout_dir: Path | None = None
     if args.data:
         pools, val_pools = digits_data(args, processor, args.limit)
         labels = pools.labels
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = FusionForClassification(config)
     banks = {}
     if args.audio_encoder == "whisper":
-        speech = model.fusion.encoders["audio"]
+        speech = model.fusion.encoder_of("audio")
         if whisper_state is not None:
             speech.encoder.load_state_dict(whisper_state)
         speech.encoder.requires_grad_(False)
@@ -415,7 +416,11 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline = FusionPipeline(accelerator.unwrap_model(objective).model, processor, precision="fp32", name=Path(args.out).name)
     eval_pools = None
     if args.eval_every:
-        eval_pools = validation_pools(val_pools, pipeline) if val_pools is not None else load_pools(heldout_dir, pipeline)
+        if val_pools is not None:
+            eval_pools = validation_pools(val_pools, pipeline)
+        else:
+            assert heldout_dir is not None  # written above whenever no validation pools came with a manifest
+            eval_pools = load_pools(heldout_dir, pipeline)
 
     history = []
     for epoch in range(args.epochs):
@@ -432,9 +437,10 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4), "seconds": round(time.perf_counter() - started, 1)}
+        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
+                                 "seconds": round(time.perf_counter() - started, 1)}
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            if accelerator.is_main_process:
+            if accelerator.is_main_process and eval_pools is not None:
                 entry["val"] = validate(pipeline, eval_pools)
         history.append(entry)
         log(json.dumps(entry))

@@ -108,9 +108,10 @@ def encode_waves(encoder: ModalityEncoder, processor: FusionProcessor, waves: li
             features += [spectrogram_variant(processor, waves[index], rng if v else None, augment) for v in range(variants)]
         states = encoder.features(torch.stack(features).to(device))[0].to(torch.float16).cpu()  # (n·V, T, E)
         for row, (index, key, path) in enumerate(chunk):
-            results[index] = states[row * variants : (row + 1) * variants].clone()
+            variant_states = states[row * variants : (row + 1) * variants].clone()
+            results[index] = variant_states
             if path is not None:
-                np.save(path, results[index].numpy())
+                np.save(path, variant_states.numpy())
     return results  # type: ignore[return-value]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ class ExampleMaker:
         garbage = None
         if self.augment and len(subset) > 1 and rng.random() < self.augment.garbage:
             garbage = rng.choice(subset)
-        example = {"label": label, "garbage": garbage}
+        example: dict[str, Any] = {"label": label, "garbage": garbage}
         if "image" in subset:
             example["image"] = self.image(label, rng, garbage == "image")
         if "audio" in subset:
@@ -179,6 +180,7 @@ class ExampleMaker:
     def audio_states(self, label: int, rng: random.Random, garbage: bool) -> torch.Tensor:
         """A cached encoder output (T, E): garbage, or a random variant of a random clip of `label` (the clip as
         recorded when augmentation is off)."""
+        assert self.audio_bank is not None and self.garbage_bank is not None  # only called with banks
         if garbage:
             return rng.choice(self.garbage_bank)[0].float()
         variants = rng.choice(self.source(self.audio_bank, self.synthetic_bank, label, rng))
@@ -197,6 +199,8 @@ class ExampleMaker:
         texts = self.pools.texts.get(label)
         if self.pools.generate_phrases and (not texts or rng.random() < 0.8):
             return phrases.phrase(label, rng, split=self.phrase_split)
+        if not texts:
+            raise ValueError(f"no phrases of label {label} to draw from, and generated phrases are off")
         return rng.choice(texts)
 
 

@@ -52,7 +52,10 @@ def write_examples(data: str | Path, out: str | Path, *, cache: str | Path | Non
     (where the `cache` of synthetic voices has it), and `examples.tsv` rows of image, text, audio."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = load_mnist(data)
+    mnist = load_mnist(data)
+    if mnist is None:
+        raise FileNotFoundError(f"{data}/mnist holds no MNIST files; the example drawings come from them")
+    images, labels = mnist
     _, held = mnist_split(len(images))
     clips = [c for c in list_fsdd(data) if c.speaker == HELD_OUT_SPEAKER]
     rows = ["image\ttext\taudio"]
@@ -61,7 +64,7 @@ def write_examples(data: str | Path, out: str | Path, *, cache: str | Path | Non
         if image_digit is not None:
             index = next(i for i in held if labels[i] == image_digit)
             image_name = f"digit-{image_digit}.png"
-            drawing = Image.fromarray(255 - images[index]).resize((280, 280), Image.BICUBIC)
+            drawing = Image.fromarray(255 - images[index]).resize((280, 280), Image.Resampling.BICUBIC)
             drawing.save(out / image_name)
         if audio_digit is not None:
             clip = next(c for c in clips if c.label == audio_digit)

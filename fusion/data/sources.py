@@ -161,11 +161,12 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
             raise ValueError(f"{path}: row {number} has none of image, audio, text")
         for key in ("image", "audio"):
             if values[key]:
-                file = Path(values[key]) if Path(values[key]).is_absolute() else path.parent / values[key]
+                given = Path(str(values[key]))
+                file = given if given.is_absolute() else path.parent / given
                 if not file.is_file():
                     raise ValueError(f"{path}: row {number}: {key} file {str(file)!r} does not exist")
                 values[key] = str(file)
-        rows.append(ManifestRow(**values))
+        rows.append(ManifestRow(label=values["label"], image=values["image"], audio=values["audio"], text=values["text"]))
     if not rows:
         raise ValueError(f"manifest {path} has no rows")
     return rows
