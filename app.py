@@ -21,15 +21,17 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import torch
 from gradio.utils import get_upload_folder
+from PIL import Image
 
 from fusion import FusionInputError, FusionPipeline
 from fusion.explain import METHODS
+from fusion.image_processing import open_image
 from fusion.modalities import PRECISIONS
-from fusion.processing import open_image
 from fusion.render import (
     attention_image,
     base_image,
@@ -105,6 +107,24 @@ def explain_unreadable_images(component: gr.Sketchpad) -> gr.Sketchpad:
     return component
 
 
+def sketch_image(value: Any) -> Any:
+    """The sketchpad's value (a background and drawn layers) as one image composited onto white; anything else
+    (a path or an array sent through the API) as it came. Gradio's format stays here, out of the library."""
+    if not isinstance(value, dict):
+        return value
+    parts = [value.get("background"), *(value.get("layers") or [])]
+    parts = [p for p in parts if p is not None]
+    if not parts and value.get("composite") is not None:
+        parts = [value["composite"]]
+    if not parts:
+        raise FusionInputError("the sketch is empty: draw a digit or upload an image")
+    images = [open_image(p).convert("RGBA") for p in parts]
+    canvas = Image.new("RGBA", images[0].size, (255, 255, 255, 255))
+    for layer in images:
+        canvas = Image.alpha_composite(canvas, layer if layer.size == canvas.size else layer.resize(canvas.size))
+    return canvas
+
+
 def _has_drawing(value) -> bool:
     """An untouched sketchpad sends a dict with no layers and no background."""
     if isinstance(value, dict):
@@ -130,6 +150,7 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
         raise gr.Error(f"Unknown explanation method {method!r}; choose one of {', '.join(METHODS)}.")
     clock = StageClock()
     try:
+        image = sketch_image(image)
         prediction = pipeline(image=image, text=text, audio=audio, explain=True, method=method)
     except FusionInputError as error:
         raise gr.Error(str(error)) from None

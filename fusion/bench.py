@@ -30,8 +30,9 @@ import numpy as np
 import psutil
 import torch
 
+from .feature_extraction import load_waveform
+from .image_processing import open_image
 from .pipeline import FusionPipeline
-from .processing import load_waveform, open_image
 from .render import (
     attention_image,
     base_image,

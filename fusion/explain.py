@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .image_processing import ImageGeometry
 from .modalities import MODALITIES, REGISTRY, subset_key
-from .processing import ImageGeometry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

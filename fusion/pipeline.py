@@ -210,7 +210,7 @@ class FusionPipeline:
         probs, explanation, output = explain_item(
             self.model, self.model_inputs(batch), info, method=method,
             target=None if target is None else self.labels.index(target), layer=layer, head=head,
-            frame_seconds=self.processor.settings.audio.hop_length / self.processor.settings.audio.sampling_rate,
+            frame_seconds=self.processor.feature_extractor.frame_seconds,
         )
         if info.get("text_truncated"):
             explanation.notes.append(f"the text was truncated to {self.processor.settings.text.max_tokens} tokens")

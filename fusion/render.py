@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .explain import GROUPS, Explanation, normalise
-from .processing import open_image
+from .image_processing import open_image
 
 AXIS_HEIGHT = 22
 MATRIX_CELL = 64

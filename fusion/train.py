@@ -59,16 +59,13 @@ from .evaluate import (
     load_pools,
     paired_examples,
 )
+from .feature_extraction import AudioSettings
 from .modalities import MODALITIES
 from .modeling import FusionForClassification, ModalityEncoder
 from .pipeline import FusionPipeline
-from .processing import (
-    AudioSettings,
-    FusionProcessor,
-    ProcessorSettings,
-    build_tokenizer,
-)
+from .processing import FusionProcessor, ProcessorSettings
 from .speech import WHISPER_AUDIO_SETTINGS, convert
+from .tokenization import build_tokenizer
 
 # ConvNeXt rather than ResNet: its pointwise convolutions are `nn.Linear` layers, so bitsandbytes' 8-bit
 # replacement reaches most of the weight (a ResNet's 3×3 convolutions stay fp32), and LayerNorm has no running

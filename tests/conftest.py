@@ -8,7 +8,8 @@ import torch
 
 from fusion import FusionConfig, FusionForClassification
 from fusion.data import phrases
-from fusion.processing import FusionProcessor, build_tokenizer
+from fusion.processing import FusionProcessor
+from fusion.tokenization import build_tokenizer
 
 LABELS = {i: str(i) for i in range(10)}
 

@@ -15,10 +15,11 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
+import torch
 from PIL import Image
 
 import app
-from fusion import FusionPipeline
+from fusion import FusionInputError, FusionPipeline
 from fusion.bench import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,3 +334,17 @@ def test_stage_timings_go_to_the_named_file_and_a_bad_name_never_fails_a_request
     assert record["wall_ms"]["total"] >= record["wall_ms"]["pipeline"] > 0
     monkeypatch.setenv("FUSION_TIMINGS", str(tmp_path / "missing" / "timings.jsonl"))
     assert app.predict(pipe, sketch, "drei", None)[0]
+
+
+def test_a_transparent_sketch_is_composited_onto_white_before_the_library_sees_it(pipe, digit_image):
+    rgba = np.zeros((28, 28, 4), dtype=np.uint8)
+    rgba[..., 3] = digit_image  # black ink where the digit is, transparent elsewhere
+    composited = app.sketch_image({"background": None, "layers": [rgba], "composite": rgba})
+    assert composited.mode == "RGBA" and composited.size == (28, 28)
+    pixels, geometry = pipe.processor.image_features(composited)
+    reference, _ = pipe.processor.image_features(digit_image)
+    assert geometry.inverted  # black on (composited) white was flipped to light on dark
+    assert torch.corrcoef(torch.stack([pixels.flatten(), reference.flatten()]))[0, 1] > 0.95
+    with pytest.raises(FusionInputError, match="the sketch is empty"):
+        app.sketch_image({"background": None, "layers": [], "composite": None})
+    assert app.sketch_image("drawn.png") == "drawn.png"  # a path from the API goes on as it came

@@ -1,5 +1,6 @@
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,12 +58,24 @@ def test_auto_precision_is_fp32_on_cpu(tiny_checkpoint):
     assert FusionPipeline.from_pretrained(tiny_checkpoint, precision="auto", device="cpu").precision == "fp32"
 
 
-def test_unknown_precision_and_missing_gpu(tiny_checkpoint):
+def test_unknown_precision_is_refused(tiny_checkpoint):
     with pytest.raises(ValueError, match="precision must be one of auto, int8, fp16, bf16, fp32, got 'int4'"):
         FusionPipeline.from_pretrained(tiny_checkpoint, precision="int4")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU is available"):
-            FusionPipeline.from_pretrained(tiny_checkpoint, device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the GPU test below runs instead")
+def test_cuda_without_a_gpu_is_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="no CUDA GPU is available"):
+        FusionPipeline.from_pretrained(tiny_checkpoint, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_precision_on_a_gpu_is_int8_and_close_to_fp32(tiny_checkpoint, pipe, digit_image, tone):
+    gpu = FusionPipeline.from_pretrained(tiny_checkpoint, device="cuda")
+    assert gpu.precision == "int8" and gpu.device.type == "cuda"
+    a, b = pipe(image=digit_image, text="seven", audio=tone), gpu(image=digit_image, text="seven", audio=tone, explain=True)
+    assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 0.05
+    assert b.image_heatmap.shape == np.asarray(digit_image).shape[:2]
 
 
 def test_missing_or_damaged_checkpoint_names_what_is_missing(tiny_checkpoint, tmp_path):

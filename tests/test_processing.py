@@ -7,7 +7,8 @@ import soundfile
 import torch
 from PIL import Image
 
-from fusion.processing import FusionInputError, FusionProcessor, prepare_image
+from fusion.image_processing import prepare_image
+from fusion.processing import FusionInputError, FusionProcessor
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -41,16 +42,6 @@ def test_every_image_form_gives_the_same_pixels(processor, digit_image, tmp_path
     assert torch.corrcoef(torch.stack([large_reference.flatten(), reference.flatten()]))[0, 1] > 0.8
 
 
-def test_transparent_sketch_is_composited_onto_white(processor, digit_image):
-    rgba = np.zeros((28, 28, 4), dtype=np.uint8)
-    rgba[..., 3] = digit_image  # black ink where the digit is, transparent elsewhere
-    sketch = {"background": None, "layers": [rgba], "composite": rgba}
-    pixels, geometry = processor.image_features(sketch)
-    reference, _ = processor.image_features(digit_image)
-    assert geometry.inverted  # black on (composited) white was flipped to light on dark
-    assert torch.corrcoef(torch.stack([pixels.flatten(), reference.flatten()]))[0, 1] > 0.95
-
-
 def test_exif_rotation_is_applied(processor, digit_image):
     image = Image.fromarray(digit_image).rotate(90, expand=True)  # stored on its side
     exif = Image.Exif()
@@ -81,8 +72,8 @@ def test_image_geometry_maps_back_to_the_input(digit_image, processor):
         (np.zeros((0, 4)), "image array is empty"),
         (np.zeros((4, 4, 7)), r"image array must be \(H, W\)"),
         (np.full((4, 4), np.nan), "NaN"),
-        (42, "image must be a file path, bytes, PIL image, array or sketch dict, got int"),
-        ({"background": None, "layers": [], "composite": None}, "the sketch is empty"),
+        (42, "image must be a file path, bytes, PIL image or array, got int"),
+        ({"background": None, "layers": []}, "image must be a file path, bytes, PIL image or array, got dict"),
     ],
 )
 def test_bad_images_raise_one_error_type(processor, bad, message):

@@ -12,14 +12,14 @@ from transformers import WhisperFeatureExtractor
 
 from fusion import FusionForClassification, speech
 from fusion.explain import token_grid
-from fusion.modeling import ModalityEncoder
-from fusion.processing import (
+from fusion.feature_extraction import (
     AudioSettings,
-    FusionInputError,
     LogMel,
     load_waveform,
     prepare_waveform,
 )
+from fusion.modeling import ModalityEncoder
+from fusion.processing import FusionInputError
 from fusion.train import tiny_whisper_config
 
 from .conftest import tiny_config

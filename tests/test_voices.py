@@ -12,7 +12,8 @@ from fusion.data import synthetic
 from fusion.data.audio_bank import audio_bank, encode_waves
 from fusion.data.heldout import microphone_recording
 from fusion.data.voice_augment import VoiceAugment, pitch_shift, surround, time_stretch
-from fusion.processing import AudioSettings, FusionProcessor
+from fusion.feature_extraction import AudioSettings
+from fusion.processing import FusionProcessor
 from fusion.speech import WHISPER_AUDIO_SETTINGS
 from fusion.train import tiny_whisper_config
 

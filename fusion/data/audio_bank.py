@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..feature_extraction import prepare_waveform
 from ..modeling import ModalityEncoder
-from ..processing import FusionProcessor, prepare_waveform
+from ..processing import FusionProcessor
 from .examples import warp_mel
 from .voice_augment import VoiceAugment
 
@@ -42,7 +43,7 @@ def spectrogram_variant(processor: FusionProcessor, wave: np.ndarray, rng: rando
     if rng is not None and augment is not None:
         wave = augment.waveform(wave, rng, settings.sampling_rate)
     fitted, _ = prepare_waveform(wave, settings.sampling_rate, settings)
-    features = processor.log_mel(torch.from_numpy(fitted)[None])[0]
+    features = processor.feature_extractor.log_mel(torch.from_numpy(fitted)[None])[0]
     if rng is not None and augment is not None:
         if rng.random() < augment.mel_warp:
             features = warp_mel(features, rng.uniform(*augment.mel_warp_range))

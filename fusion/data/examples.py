@@ -17,8 +17,10 @@ import torch.nn.functional as F
 import torchaudio
 from torchvision.transforms import v2
 
+from ..feature_extraction import load_waveform, prepare_waveform
+from ..image_processing import prepare_image
 from ..modalities import MODALITIES
-from ..processing import FusionProcessor, load_waveform, prepare_image, prepare_waveform
+from ..processing import FusionProcessor
 from . import phrases
 
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(MODALITIES, r)]
@@ -169,7 +171,7 @@ class ExampleMaker:
                 noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, len(wave))
                 wave = (wave + noise * np.sqrt(power / 10 ** (snr / 10))).astype(np.float32)
         fitted, _ = prepare_waveform(wave, settings.sampling_rate, settings)
-        features = self.processor.log_mel(torch.from_numpy(fitted)[None])[0]  # (mel, frames)
+        features = self.processor.feature_extractor.log_mel(torch.from_numpy(fitted)[None])[0]  # (mel, frames)
         if self.augment and not garbage and rng.random() < self.augment.audio_warp:
             features = warp_mel(features, rng.uniform(0.9, 1.1))
         if self.augment and rng.random() < self.augment.spec_mask:
@@ -216,6 +218,6 @@ def warp_mel(features: torch.Tensor, scale: float) -> torch.Tensor:
 
 def collate(examples: list[dict], processor: FusionProcessor) -> dict[str, torch.Tensor]:
     """Stack examples into the tensors `FusionModel.forward` takes (absent modalities masked), with labels."""
-    batch, _ = processor.stack(examples)
+    batch = processor.model_inputs(processor.stack({m: [e.get(m) for e in examples] for m in MODALITIES}))
     batch["labels"] = torch.tensor([e["label"] for e in examples])
     return batch
