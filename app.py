@@ -28,19 +28,9 @@ import torch
 from gradio.utils import get_upload_folder
 from PIL import Image
 
-from fusion import FusionInputError, FusionPipeline
-from fusion.explain import METHODS
+from fusion import METHODS, PRECISIONS, FusionInputError, FusionPipeline
 from fusion.image_processing import open_image
-from fusion.modalities import PRECISIONS
-from fusion.render import (
-    attention_image,
-    base_image,
-    export_zip,
-    image_overlay,
-    png_bytes,
-    select_attention,
-    spectrogram_image,
-)
+from fusion.render import base_image, draw_pictures, export_zip, present
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "assets" / "fusion-digits"
@@ -159,29 +149,14 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
         raise gr.Error("The model failed on this input; the error was logged. Try another input.") from None
     clock.mark("pipeline")
     # Decoded once here; opacity and layer changes redraw from it.
-    state = {"prediction": prediction, "image": base_image(image) if image is not None else None}
-    shown = draw(state, alpha, layer, head)
-    clock.mark("draw")
-    pictures = save(shown, FOLDERS.new())
+    base = base_image(image) if image is not None else None
+    state = {"prediction": prediction, "image": base}
+    shown = present(prediction, base, alpha=alpha, layer=_choice_index(layer), head=_choice_index(head))
+    clock.mark("draw")  # the pictures, tables and notice
+    pictures = save(shown.pictures, FOLDERS.new())
     clock.mark("save")
-    explanation = prediction.explanation
-    assert explanation is not None  # asked for with explain=True
-    rows = [[m, round(explanation.modality_shares.get(m, 0.0), 3), round(explanation.shapley.get(m, 0.0), 3),
-             f"{explanation.counterfactuals[m][0]} ({explanation.counterfactuals[m][1]:.0%})"]
-            for m in prediction.modalities]
-    subsets = [[key, label, round(confidence, 3)] for key, (label, confidence) in explanation.counterfactuals.items()]
-    answer = (
-        {label: p for label, p in prediction.top(len(prediction.probs))},
-        *pictures[:2],
-        explanation.text_heatmap,
-        rows,
-        subsets,
-        notice(prediction),
-        pictures[2],
-        None,
-        state,
-    )
-    clock.mark("tables")
+    answer = (shown.probs, *pictures[:2], shown.words, shown.shares, shown.subsets, shown.notice, pictures[2],
+              None, state)
     clock.record("predict")
     return answer
 
@@ -303,16 +278,9 @@ FOLDERS = AnswerFolders(Path(tempfile.gettempdir()) / f"{OUTPUTS_PREFIX}{os.getp
 
 
 def draw(state: dict, alpha: float, layer: str, head: str) -> dict[str, bytes | None]:
-    """The pictures that depend on the viewer's choices as PNG bytes, named as in the zip export: image overlay,
-    spectrogram, attention matrix (None where the input lacks the modality)."""
-    prediction, explanation = state["prediction"], state["prediction"].explanation
-    matrix = select_attention(explanation, layer=_choice_index(layer), head=_choice_index(head))
-    pictures = {
-        "image_overlay.png": image_overlay(state["image"], explanation, alpha=alpha) if explanation.image_heatmap is not None else None,
-        "audio_overlay.png": spectrogram_image(explanation, alpha=alpha) if explanation.audio_heatmap is not None else None,
-        "attention_matrix.png": attention_image(matrix, prediction.modalities),
-    }
-    return {name: None if picture is None else png_bytes(picture) for name, picture in pictures.items()}
+    """The pictures for the viewer's choices (the dropdowns' 'layer 2' / 'average' strings)."""
+    return draw_pictures(state["prediction"], state["image"], alpha=alpha, layer=_choice_index(layer),
+                         head=_choice_index(head))
 
 
 def save(pictures: dict[str, bytes | None], folder: Path) -> tuple[str | None, ...]:
@@ -334,20 +302,6 @@ def render(state: dict | None, alpha: float, layer: str, head: str):
     clock.mark("redraw")
     clock.record("render")
     return paths
-
-
-def notice(prediction) -> str:
-    """One line on agreement, method and anything adapted."""
-    explanation = prediction.explanation
-    used = " + ".join(prediction.modalities)
-    lines = [f"**{prediction.label}** ({prediction.confidence:.0%}) from {used}, explained by {explanation.method}."]
-    agreement = explanation.agreement
-    if not agreement["agree"]:
-        said = ", ".join(f"{m} says {label}" for m, label in agreement["labels"].items())
-        lines.append(f"⚠️ The modalities disagree: {said}. "
-                     f"Disagreeing with the combined answer: {', '.join(agreement['disagreeing']) or 'none'}.")
-    lines += [f"ℹ️ {note}" for note in explanation.notes]
-    return "\n\n".join(lines)
 
 
 def example_rows() -> list[list]:

@@ -3,7 +3,8 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration import FusionConfig
-from .modalities import MODALITIES
+from .explain import METHODS
+from .modalities import MODALITIES, PRECISIONS
 from .modeling import FusionForClassification, FusionModel, FusionOutput
 from .pipeline import FusionPipeline, Prediction
 from .processing import FusionInputError, FusionProcessor
@@ -13,7 +14,9 @@ AutoConfig.register("fusion", FusionConfig, exist_ok=True)
 AutoModel.register(FusionConfig, FusionModel, exist_ok=True)
 
 __all__ = [
+    "METHODS",
     "MODALITIES",
+    "PRECISIONS",
     "FusionConfig",
     "FusionForClassification",
     "FusionInputError",

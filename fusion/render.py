@@ -1,4 +1,6 @@
-"""Pictures and files of an explanation, drawn with numpy and PIL (no figure library in the hot path)."""
+"""What a person sees of a prediction: colour maps, overlays, the spectrogram with its time axis, the attention matrix,
+tables, a one-paragraph notice (`present` gathers them) and the zip export; drawn with numpy and PIL (no figure
+library in the hot path)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import functools
 import io
 import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +228,76 @@ def export_zip(prediction: Any, path: str | Path, *, image: np.ndarray | None = 
             data = drawn[name] if name in drawn else png_bytes(draw())
             archive.writestr(name, data, compress_type=zipfile.ZIP_STORED)  # PNG is compressed already
     return path
+
+
+# ------------------------------------------------------------------------------------------ presenting
+
+
+def draw_pictures(prediction: Any, image: np.ndarray | None, *, alpha: float = 0.5, layer: int | None = None,
+                  head: int | None = None) -> dict[str, bytes | None]:
+    """The pictures that depend on the viewer's choices as PNG bytes, named as in the zip export: the image overlay
+    (over `image`, the input's `base_image`), the spectrogram and the attention matrix of `layer` and `head` (0-based;
+    None averages). None where the input lacks the modality."""
+    explanation = prediction.explanation
+    matrix = select_attention(explanation, layer=layer, head=head)
+    pictures = {
+        "image_overlay.png": image_overlay(image, explanation, alpha=alpha)
+        if explanation.image_heatmap is not None and image is not None else None,
+        "audio_overlay.png": spectrogram_image(explanation, alpha=alpha) if explanation.audio_heatmap is not None else None,
+        "attention_matrix.png": attention_image(matrix, prediction.modalities),
+    }
+    return {name: None if picture is None else png_bytes(picture) for name, picture in pictures.items()}
+
+
+def notice(prediction: Any) -> str:
+    """One paragraph (Markdown) on the answer, agreement between modalities, the method and anything adapted."""
+    explanation = prediction.explanation
+    used = " + ".join(prediction.modalities)
+    lines = [f"**{prediction.label}** ({prediction.confidence:.0%}) from {used}, explained by {explanation.method}."]
+    agreement = explanation.agreement
+    if not agreement["agree"]:
+        said = ", ".join(f"{m} says {label}" for m, label in agreement["labels"].items())
+        lines.append(f"⚠️ The modalities disagree: {said}. "
+                     f"Disagreeing with the combined answer: {', '.join(agreement['disagreeing']) or 'none'}.")
+    lines += [f"ℹ️ {note}" for note in explanation.notes]
+    return "\n\n".join(lines)
+
+
+@dataclass
+class Presentation:
+    """An explained prediction as a page shows it.
+
+    Args:
+        probs (`dict[str, float]`): every label's probability, most probable first.
+        pictures (`dict[str, bytes | None]`): PNGs from `draw_pictures`.
+        words (`list[tuple[str, float]] | None`): the text's pieces and their relevance.
+        shares (`list[list]`): per given modality: its share of the relevance, its Shapley value, its answer alone.
+        subsets (`list[list]`): per subset of the given modalities: its answer and that answer's probability.
+        notice (`str`): `notice(prediction)`.
+    """
+
+    probs: dict[str, float]
+    pictures: dict[str, bytes | None]
+    words: list[tuple[str, float]] | None
+    shares: list[list]
+    subsets: list[list]
+    notice: str
+
+
+def present(prediction: Any, image: np.ndarray | None, *, alpha: float = 0.5, layer: int | None = None,
+            head: int | None = None) -> Presentation:
+    """Everything a page shows of an explained `prediction` (`image` is the input's `base_image`, if any)."""
+    explanation = prediction.explanation
+    if explanation is None:
+        raise ValueError("present needs an explained prediction (call the pipeline with explain=True)")
+    alone = explanation.counterfactuals
+    shares = [[m, round(explanation.modality_shares.get(m, 0.0), 3), round(explanation.shapley.get(m, 0.0), 3),
+               f"{alone[m][0]} ({alone[m][1]:.0%})"] for m in prediction.modalities]
+    return Presentation(
+        probs=dict(prediction.top(len(prediction.probs))),
+        pictures=draw_pictures(prediction, image, alpha=alpha, layer=layer, head=head),
+        words=explanation.text_heatmap,
+        shares=shares,
+        subsets=[[key, label, round(confidence, 3)] for key, (label, confidence) in alone.items()],
+        notice=notice(prediction),
+    )

@@ -163,3 +163,21 @@ def test_relevance_falls_back_to_rollout_when_gradients_fail(pipe, inputs, monke
     assert pred.method == "rollout"
     assert "fell back to rollout" in pred.notes[0] and "no backward for this kernel" in pred.notes[0]
     assert pred.image_heatmap.shape == (60, 44)
+
+
+def test_present_gathers_what_a_page_shows(pipe, inputs):
+    from fusion.render import base_image, present
+
+    pred = pipe(text=inputs["text"], audio=inputs["audio"], explain=True)
+    shown = present(pred, None, alpha=0.4, layer=0, head=1)
+    assert list(shown.probs) == [label for label, _ in pred.top(len(pred.probs))]
+    assert shown.probs[pred.label] == max(shown.probs.values())
+    assert [row[0] for row in shown.shares] == ["text", "audio"]
+    assert shown.subsets == [[k, label, round(p, 3)] for k, (label, p) in pred.counterfactuals.items()]
+    assert shown.pictures["image_overlay.png"] is None  # no image given
+    assert shown.pictures["audio_overlay.png"].startswith(b"\x89PNG") and shown.words == pred.text_heatmap
+    assert f"from text + audio, explained by {pred.method}" in shown.notice
+    with_image = pipe(**inputs, explain=True)
+    assert present(with_image, base_image(inputs["image"])).pictures["image_overlay.png"].startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="present needs an explained prediction"):
+        present(pipe(text="sieben"), None)
