@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .image_processing import ImageGeometry
-from .modalities import MODALITIES, REGISTRY, subset_key
+from .modalities import MODALITIES, REGISTRY, subset_key, subsets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -384,7 +384,7 @@ def counterfactuals(
     have no positions and the encoders never see each other) at a third of the cost of a padded batch of every
     subset; the full set is the explanation's own answer."""
     labels = model.config.class_names
-    chosen = [s for r in range(1, len(present) + 1) for s in itertools.combinations(present, r)]
+    chosen = subsets(present)
     assert output.encoded is not None and output.token_mask is not None and output.modality_spans is not None
     assert output.logits is not None
     encoded, real = output.encoded[0].detach(), output.token_mask[0]

@@ -84,15 +84,10 @@ def subset_key(subset: Iterable[str]) -> str:
     return "+".join(m for m in NAME_ORDER if m in chosen)
 
 
-def subsets(present: Iterable[str] = MODALITIES) -> list[tuple[str, ...]]:
-    """Every non-empty subset of `present`, smallest first, each in `NAME_ORDER`."""
-    ordered = [m for m in NAME_ORDER if m in set(present)]
+def subsets(modalities: Iterable[str]) -> list[tuple[str, ...]]:
+    """Every non-empty subset of `modalities`, smallest first, each in the order given."""
+    ordered = list(modalities)
     return [s for r in range(1, len(ordered) + 1) for s in itertools.combinations(ordered, r)]
 
 
-SUBSET_KEYS: list[str] = [subset_key(s) for s in subsets()]
-
-
-def present_modalities(batch: dict, row: int = 0) -> list[str]:
-    """The modalities that item `row` of a processed batch carries, in the fused order."""
-    return [m for m in MODALITIES if REGISTRY[m].mask in batch and bool(batch[REGISTRY[m].mask][row])]
+SUBSET_KEYS: list[str] = [subset_key(s) for s in subsets(NAME_ORDER)]

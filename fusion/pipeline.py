@@ -212,7 +212,7 @@ class FusionPipeline:
             target=None if target is None else self.labels.index(target), layer=layer, head=head,
             frame_seconds=self.processor.feature_extractor.frame_seconds,
         )
-        if info.get("text_truncated"):
+        if info.get("text_truncated") or info.get("text_characters_cut"):
             explanation.notes.append(f"the text was truncated to {self.processor.settings.text.max_tokens} tokens")
         index = self.labels.index(explanation.target)
         explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(

@@ -170,9 +170,7 @@ class FusionProcessor:
             tensors, facts = self.parts[modality].stack(values)
             batch.update(tensors)
             for index, found in facts.items():
-                for key, value in found.items():
-                    # A flag reported twice (characters cut before tokenising, tokens cut after) is either.
-                    meta[index][key] = (meta[index].get(key, False) or value) if isinstance(value, bool) else value
+                meta[index].update(found)
         batch["meta"] = meta
         return batch
 

@@ -99,10 +99,10 @@ class FusionTextProcessor:
         return text[: self.settings.max_characters]
 
     def prepare(self, text: Any) -> tuple[str, dict[str, Any]]:
-        """The cleaned text and the facts an explanation needs (`text`, and `text_truncated` when characters were
-        cut off)."""
+        """The cleaned text and the facts an explanation needs: `text`, and `text_characters_cut` (characters past
+        `max_characters` were dropped before tokenising)."""
         cleaned = self.clean(text)
-        return cleaned, {"text": cleaned, "text_truncated": len(text) > len(cleaned)}
+        return cleaned, {"text": cleaned, "text_characters_cut": len(text) > len(cleaned)}
 
     def stack(self, prepared: list[str | None]) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]]]:
         """`input_ids` and `attention_mask` (B, T) padded to the longest text, `text_mask` (B,); and per item with

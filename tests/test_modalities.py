@@ -1,12 +1,10 @@
 import pytest
-import torch
 
 from fusion.modalities import (
     MODALITIES,
     REGISTRY,
     SUBSET_KEYS,
     modality,
-    present_modalities,
     subset_key,
     subsets,
 )
@@ -23,10 +21,4 @@ def test_registry_names_every_tensor_of_each_modality():
 def test_subset_names_keep_their_reported_order():
     assert subset_key(["text", "audio", "image"]) == "image+audio+text"
     assert SUBSET_KEYS == ["image", "audio", "text", "image+audio", "image+text", "audio+text", "image+audio+text"]
-    assert subsets(["text", "image"]) == [("image",), ("text",), ("image", "text")]
-
-
-def test_present_modalities_reads_the_masks_of_one_row():
-    batch = {"image_mask": torch.tensor([True, False]), "audio_mask": torch.tensor([True, True])}
-    assert present_modalities(batch, 0) == ["image", "audio"]
-    assert present_modalities(batch, 1) == ["audio"]
+    assert subsets(["text", "image"]) == [("text",), ("image",), ("text", "image")]  # in the order given

@@ -6,7 +6,6 @@ Each example is made from its own seed, so an epoch is the same whatever the loa
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +18,11 @@ from torchvision.transforms import v2
 
 from ..feature_extraction import load_waveform, prepare_waveform
 from ..image_processing import prepare_image
-from ..modalities import MODALITIES
+from ..modalities import MODALITIES, subsets
 from ..processing import FusionProcessor
 from . import phrases
 
-SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(MODALITIES, r)]
+SUBSETS = subsets(MODALITIES)
 # Every modality of a multimodal example is also trained alone (`fusion.train.FusionObjective`), so single-modality
 # examples need no extra weight; pairs and triples carry the garbage-modality cases.
 SUBSET_WEIGHTS = {1: 1.0, 2: 1.5, 3: 1.5}

@@ -9,20 +9,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "assets" / "examples"
 METHODS = ("relevance", "rollout", "attention")
 
 
 def example_items() -> list[dict]:
-    """The rows of assets/examples/examples.tsv as pipeline items (paths made absolute)."""
-    lines = (EXAMPLES / "examples.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    items = []
-    for line in lines:
-        image, text, audio = (line.split("\t") + ["", "", ""])[:3]
-        item = {"image": str(EXAMPLES / image) if image else None, "text": text or None,
-                "audio": str(EXAMPLES / audio) if audio else None}
-        items.append(item)
-    return items
+    """The app's example rows (assets/examples/examples.tsv) as pipeline items."""
+    import app
+
+    return [{"image": image, "text": text, "audio": audio} for image, text, audio in app.example_rows()]
 
 
 def reference_outputs(pipe) -> dict[str, np.ndarray]:
