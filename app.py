@@ -30,7 +30,14 @@ from PIL import Image
 
 from fusion import METHODS, PRECISIONS, FusionInputError, FusionPipeline
 from fusion.image_processing import open_image
-from fusion.render import base_image, draw_pictures, export_zip, present
+from fusion.render import (
+    base_image,
+    draw_cross,
+    draw_pictures,
+    export_zip,
+    present,
+    spectrogram_x_to_time,
+)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "assets" / "fusion-digits"
@@ -43,6 +50,8 @@ KEEP_OUTPUTS_S = 3600
 PRUNE_PER_FOLDER = 2
 AVERAGE = "average"
 log = logging.getLogger("fusion.app")
+FOCUS_HINT = ("Click a place on the image, a moment on the spectrogram or a word to see what that token attends to "
+              "across the other modalities.")
 
 I18N = gr.I18n(
     en={
@@ -57,6 +66,9 @@ I18N = gr.I18n(
         "fusion_attention": "Attention between modalities", "fusion_download": "Download the explanation (JSON and PNGs)",
         "fusion_examples": "Examples", "fusion_placeholder": "seven, 七, sieben, 3 plus 4, VII …",
         "fusion_export": "Prepare the download",
+        "fusion_focus_hint": FOCUS_HINT,
+        "fusion_direction": "Clicked token", "fusion_clear": "Back to relevance",
+        "fusion_token_matrix": "Token × token attention across modalities", "fusion_check": "Check the maps",
     },
     zh={
         "fusion_intro": "输入手写数字、短语和语音数字中的任意组合。模型回答你指的是哪个数字，并说明原因：图像、频谱图和文字上的相关性，"
@@ -69,6 +81,9 @@ I18N = gr.I18n(
         "fusion_attention": "模态之间的注意力", "fusion_download": "下载解释（JSON 和 PNG）",
         "fusion_examples": "示例", "fusion_placeholder": "seven、七、sieben、3 plus 4、VII …",
         "fusion_export": "准备下载",
+        "fusion_focus_hint": "点击图像上的位置、频谱图上的时刻或一个词，查看该词元在其他模态上的注意力。",
+        "fusion_direction": "点击的词元", "fusion_clear": "回到相关性",
+        "fusion_token_matrix": "跨模态的词元 × 词元注意力", "fusion_check": "检验热图",
     },
 )
 
@@ -150,7 +165,7 @@ def predict(pipeline: FusionPipeline, image, text, audio, method="relevance", al
     clock.mark("pipeline")
     # Decoded once here; opacity and layer changes redraw from it.
     base = base_image(image) if image is not None else None
-    state = {"prediction": prediction, "image": base}
+    state = {"prediction": prediction, "image": base, "focus": None}
     shown = present(prediction, base, alpha=alpha, layer=_choice_index(layer), head=_choice_index(head))
     clock.mark("draw")  # the pictures, tables and notice
     pictures = save(shown.pictures, FOLDERS.new())
@@ -166,8 +181,13 @@ def export(state: dict | None, alpha: float, layer: str, head: str) -> str:
     if not state:
         raise gr.Error("Nothing to download yet: press Predict first.")
     shown = draw(state, alpha, layer, head)
+    focused = {}
+    if state.get("focus"):
+        view = draw_cross(state["prediction"], state["image"], *state["focus"][:2], alpha=alpha,
+                          layer=_choice_index(layer), head=_choice_index(head), direction=state["focus"][2])
+        focused = {f"focus_{name}": data for name, data in view.pictures.items() if data is not None}
     path = export_zip(state["prediction"], FOLDERS.new() / "explanation.zip", image=state["image"],
-                      drawn={name: data for name, data in shown.items() if data is not None})
+                      drawn={name: data for name, data in shown.items() if data is not None}, extra=focused)
     return str(path)
 
 
@@ -293,15 +313,96 @@ def save(pictures: dict[str, bytes | None], folder: Path) -> tuple[str | None, .
     return tuple(paths)
 
 
-def render(state: dict | None, alpha: float, layer: str, head: str):
-    """Redraw for a changed opacity, layer or head: paths of the image overlay, spectrogram and attention."""
+def render(state: dict | None, alpha: float, layer: str, head: str, direction: str = "from"):
+    """Redraw for a changed opacity, layer, head or direction: the image and spectrogram pictures, the attention
+    matrix, the words, the token × token picture and the caption. With a chosen token (`state["focus"]`), the
+    pictures show its attention across the other modalities; otherwise relevance. Nothing is recomputed."""
     if not state:
-        return None, None, None
+        return None, None, None, None, None, FOCUS_HINT
     clock = StageClock()
-    paths = save(draw(state, alpha, layer, head), FOLDERS.new())
+    prediction = state["prediction"]
+    matrix = draw(state, alpha, layer, head)
+    if state.get("focus"):
+        modality, at = state["focus"][:2]
+        state["focus"] = (modality, at, direction)
+        view = draw_cross(prediction, state["image"], modality, at, alpha=alpha, layer=_choice_index(layer),
+                          head=_choice_index(head), direction=direction)
+        pictures = {**view.pictures, "attention_matrix.png": matrix["attention_matrix.png"]}
+        words, caption = view.words, view.caption
+    else:
+        pictures = {**matrix, "token_matrix.png": None}
+        words, caption = prediction.explanation.text_heatmap, FOCUS_HINT
+    order = ("image_overlay.png", "audio_overlay.png", "attention_matrix.png", "token_matrix.png")
+    paths = save({name: pictures[name] for name in order}, FOLDERS.new())
     clock.mark("redraw")
     clock.record("render")
-    return paths
+    return paths[0], paths[1], paths[2], words, paths[3], caption
+
+
+def focus(state: dict | None, alpha: float, layer: str, head: str, direction: str, modality: str, at: Any):
+    """Choose the token at `at` of `modality` and redraw every view around it."""
+    if not state:
+        raise gr.Error("Press Predict first, then click a place on the image, the spectrogram or a word.")
+    try:
+        state["prediction"].cross_attention(modality, at)  # checks the place before anything is drawn
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    state["focus"] = (modality, at, direction)
+    return (*render(state, alpha, layer, head, direction), state)
+
+
+def clicked_image(state, alpha, layer, head, direction, evt: gr.SelectData):
+    """A click on the image picture: (x, y) in pixels of the image as given (the colour scale lies right of it)."""
+    if not state or state.get("image") is None:
+        raise gr.Error("Press Predict with an image first.")
+    x, y = (int(v) for v in evt.index[:2])
+    height, width = state["image"].shape[:2]
+    if not (0 <= x < width and 0 <= y < height):
+        raise gr.Error("Click on the image itself, not on its colour scale.")
+    return focus(state, alpha, layer, head, direction, "image", (x, y))
+
+
+def clicked_spectrogram(state, alpha, layer, head, direction, evt: gr.SelectData):
+    """A click on the spectrogram picture: its column is a time of the clip."""
+    if not state or state["prediction"].explanation.audio_spectrogram is None:
+        raise gr.Error("Press Predict with audio first.")
+    return focus(state, alpha, layer, head, direction, "audio",
+                 spectrogram_x_to_time(state["prediction"].explanation, float(evt.index[0])))
+
+
+def clicked_word(state, alpha, layer, head, direction, evt: gr.SelectData):
+    """A click on a word: its index among the text's words (the gaps between words are not words)."""
+    if not state or state["prediction"].explanation.text_heatmap is None:
+        raise gr.Error("Press Predict with a text first.")
+    pieces = state["prediction"].explanation.text_heatmap
+    index = int(evt.index)
+    if not 0 <= index < len(pieces) or not pieces[index][0].strip():
+        raise gr.Error("Click on a word.")
+    word = sum(1 for piece, _ in pieces[:index] if piece.strip())
+    return focus(state, alpha, layer, head, direction, "text", word)
+
+
+def unfocus(state, alpha, layer, head, direction):
+    if state:
+        state["focus"] = None
+    return (*render(state, alpha, layer, head, direction), state)
+
+
+def check_maps(pipeline: FusionPipeline, state: dict | None):
+    """The trust figure of each map, after the answer is shown (it costs one batched pass): the explained class's
+    probability drop when the map's top 10% is removed against a random 10%. The chained event that calls it also
+    clears the previous answer's token view, so the public `predict` endpoint keeps its outputs."""
+    if not state:
+        return []
+    clock = StageClock()
+    trust = pipeline.trust(state["prediction"])
+    clock.mark("trust")
+    clock.record("trust")
+    rows = []
+    for modality, figure in trust.items():
+        verdict = {True: "yes", False: "no", None: "cannot tell"}[figure["faithful"]]
+        rows.append([modality, figure["top"], figure["random"], verdict])
+    return rows
 
 
 def example_rows() -> list[list]:
@@ -346,7 +447,15 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
                 with gr.Row():
                     layer = gr.Dropdown(layers, value=AVERAGE, label=I18N("fusion_layer"))
                     head = gr.Dropdown(heads, value=AVERAGE, label=I18N("fusion_head"))
+                focus_line = gr.Markdown(I18N("fusion_focus_hint"), elem_id="focus")
+                with gr.Row():
+                    direction = gr.Radio([("what it attends to", "from"), ("what attends to it", "to")], value="from",
+                                         label=I18N("fusion_direction"), elem_id="direction")
+                    clear = gr.Button(I18N("fusion_clear"), elem_id="clear-focus")
                 attention = gr.Image(label=I18N("fusion_attention"), type="filepath", elem_id="attention")
+                token_matrix = gr.Image(label=I18N("fusion_token_matrix"), type="filepath", elem_id="token-matrix")
+                trust = gr.Dataframe(headers=["map", "drop, top 10% removed", "drop, random 10%", "faithful here"],
+                                     label=I18N("fusion_check"), elem_id="trust")
                 prepare = gr.Button(I18N("fusion_export"), elem_id="export")
                 download = gr.File(label=I18N("fusion_download"), elem_id="download")
         rows = example_rows()
@@ -356,11 +465,18 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
 
         outputs = [label, image_out, audio_out, words, shares, subsets, summary, attention, download, state]
         submit.click(lambda *a: predict(pipeline, *a), [image, text, audio, method, alpha, layer, head], outputs,
-                     api_name="predict", show_progress="full")
+                     api_name="predict", show_progress="full").then(
+            lambda s: (check_maps(pipeline, s), None, FOCUS_HINT), [state], [trust, token_matrix, focus_line],
+            api_visibility="private", show_progress="hidden")
         prepare.click(export, [state, alpha, layer, head], download, api_name="export", show_progress="minimal")
-        for control in (alpha, layer, head):
-            control.change(render, [state, alpha, layer, head], [image_out, audio_out, attention], api_visibility="private",
+        views = [image_out, audio_out, attention, words, token_matrix, focus_line]
+        for control in (alpha, layer, head, direction):
+            control.change(render, [state, alpha, layer, head, direction], views, api_visibility="private",
                            show_progress="hidden")
+        chosen = [state, alpha, layer, head, direction]
+        for component, handler in ((image_out, clicked_image), (audio_out, clicked_spectrogram), (words, clicked_word)):
+            component.select(handler, chosen, [*views, state], api_visibility="private", show_progress="hidden")
+        clear.click(unfocus, chosen, [*views, state], api_visibility="private", show_progress="hidden")
     return demo
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .cross_attention import TokenLayout
 from .image_processing import ImageGeometry
 from .modalities import MODALITIES, REGISTRY, subset_key, subsets
 
@@ -60,6 +61,13 @@ class Explanation:
         attentions (`list[np.ndarray (H, N, N)]`): raw fusion attention maps per layer.
         spans (`dict[str, tuple[int, int]]`): each modality's tokens in the fused sequence.
         notes (`list[str]`): what was adapted (a fallback of method, a truncated text).
+        audio_clip (`tuple[int, int] | None`): the spectrogram frames that lie inside the clip as given (the rest
+            of the model's window is padding), for pictures whose time axis runs from 0 s.
+        input_heatmaps (`dict[str, np.ndarray]`): the relevance on the model's own inputs (the image's square,
+            the spectrogram; for text, per token), which `FusionPipeline.trust` removes cells by.
+        trust (`dict[str, dict]`): filled by `FusionPipeline.trust`: per map, how much the explained class's
+            probability falls when its top cells are removed versus random ones.
+        layout (`TokenLayout`): where the tokens sit, for `fusion.cross_attention`.
     """
 
     method: str
@@ -79,6 +87,11 @@ class Explanation:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    audio_clip: tuple[int, int] | None = None
+    input_heatmaps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    trust: dict[str, dict] = field(default_factory=dict)
+    layout: TokenLayout | None = field(default=None, repr=False)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the model tensors explained
 
 
 # ------------------------------------------------------------------------------------- relevance rules
@@ -190,8 +203,9 @@ def _grid_map(token_scores: torch.Tensor, encoder: PreTrainedModel, spatial: tup
     return F.interpolate(grid.float(), size=spatial, mode="bilinear", align_corners=False)[0, 0]
 
 
-def image_to_given(square: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
-    """A heatmap over the model's square mapped onto the image as given (same height and width)."""
+def image_to_given(square: np.ndarray, geometry: ImageGeometry, *, scale: bool = True) -> np.ndarray:
+    """A heatmap over the model's square mapped onto the image as given (same height and width), brought to [0, 1]
+    (`scale=False`: values kept, and each model pixel's value spread without blending, for token cells)."""
     out = np.zeros((geometry.height, geometry.width), dtype=np.float32)
     left, top, right, bottom = geometry.box
     off_x, off_y = int(geometry.offset[0]), int(geometry.offset[1])
@@ -199,16 +213,18 @@ def image_to_given(square: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
     inner_h = max(1, round((bottom - top) * geometry.scale))
     inner = square[off_y : off_y + inner_h, off_x : off_x + inner_w]
     if inner.size:
-        resized = Image.fromarray(inner.astype(np.float32), mode="F").resize((right - left, bottom - top), Image.Resampling.BILINEAR)
+        resample = Image.Resampling.BILINEAR if scale else Image.Resampling.NEAREST
+        resized = Image.fromarray(inner.astype(np.float32), mode="F").resize((right - left, bottom - top), resample)
         out[top:bottom, left:right] = np.asarray(resized)
-    return normalise(out)
+    return normalise(out) if scale else out
 
 
-def text_pieces(text: str, offsets: list[tuple[int, int]], scores: np.ndarray) -> list[tuple[str, float]]:
+def text_pieces(text: str, offsets: list[tuple[int, int]], scores: np.ndarray, *, scale: bool = True) -> list[tuple[str, float]]:
     """Words of `text` with the summed scores of their tokens, and the gaps between them (score 0); the
-    pieces join back to `text`. Untokenised tails (truncation) are one gap."""
+    pieces join back to `text`. Untokenised tails (truncation) are one gap. Word scores are brought to [0, 1]
+    unless `scale` is False."""
     words: list[list[int]] = []  # [start, end] of whitespace-separated words
-    for match_start, match_end in _word_spans(text):
+    for match_start, match_end in word_spans(text):
         words.append([match_start, match_end])
     word_scores = np.zeros(len(words), dtype=np.float32)
     for (start, end), score in zip(offsets, scores):
@@ -218,7 +234,7 @@ def text_pieces(text: str, offsets: list[tuple[int, int]], scores: np.ndarray) -
             if start < w1 and end > w0:
                 word_scores[index] += float(score)
                 break
-    word_scores = normalise(word_scores)
+    word_scores = normalise(word_scores) if scale else word_scores
     pieces, cursor = [], 0
     for (w0, w1), score in zip(words, word_scores):
         if w0 > cursor:
@@ -230,7 +246,7 @@ def text_pieces(text: str, offsets: list[tuple[int, int]], scores: np.ndarray) -
     return pieces
 
 
-def _word_spans(text: str) -> list[tuple[int, int]]:
+def word_spans(text: str) -> list[tuple[int, int]]:
     """Words split on whitespace; CJK characters are words of their own, as the tokenizer splits them."""
     spans, start = [], None
     for i, char in enumerate(text):
@@ -324,6 +340,12 @@ def explain_item(
     token_relevance = token_relevance.clamp(min=0) * out.token_mask[0].cpu().float()
 
     explanation = Explanation(method=ran, target=labels[target_index], notes=notes, spans=dict(out.modality_spans))
+    explanation.inputs = {k: v.detach() for k, v in inputs.items()}
+    layout = TokenLayout(spans=dict(out.modality_spans), token_mask=out.token_mask[0].cpu().numpy().astype(bool),
+                         text=info.get("text"), text_offsets=list(info.get("text_offsets", [])),
+                         image_geometry=info.get("image_geometry"), audio_start=float(info.get("audio_start", 0.0)),
+                         frame_seconds=frame_seconds, audio_duration=info.get("audio_duration"))
+    explanation.layout = layout
     totals = {m: float(token_relevance[s0:s1].sum()) for m, (s0, s1) in out.modality_spans.items() if out.modality_mask[m][0]}
     grand = sum(totals.values())
     explanation.modality_shares = {m: (v / grand if grand > 0 else 1 / len(totals)) for m, v in totals.items()}
@@ -340,6 +362,7 @@ def explain_item(
             scores = scores @ within  # relevance of the encoder's input tokens
         if modality.grid == "sequence":
             offsets = info["text_offsets"]
+            explanation.input_heatmaps[name] = scores[: len(offsets)].numpy()
             explanation.text_heatmap = text_pieces(info["text"], offsets, scores[: len(offsets)].numpy())
             continue
         values = inputs[modality.main_input][0].detach().float().cpu()
@@ -348,23 +371,33 @@ def explain_item(
         if values.dim() == 2 and encoder.main_input_name == "input_values":  # AST reads (frames, mel)
             encoder_shape = (values.shape[-1], values.shape[-2])
         heat = _grid_map(scores, encoder, spatial, encoder_shape)
+        layout.grids[name], layout.shapes[name] = token_grid(encoder, encoder_shape), (int(spatial[0]), int(spatial[1]))
         if ran == "relevance" and cell_gradients(encoder):
             # Within each token's cell, gradient × signal above the background says which pixels mattered.
             grad = input_grads[modality.main_input][0].detach().float().cpu().reshape(values.shape)
             signal = values - values.min()
             heat = heat * (grad * signal).abs().reshape(-1, *spatial).sum(dim=0)
         heat_map = normalise(heat.numpy())
+        explanation.input_heatmaps[name] = heat_map
         if name == "image":
             explanation.image_heatmap = image_to_given(heat_map, info["image_geometry"])
         else:
             explanation.audio_heatmap = heat_map
             explanation.audio_spectrogram = values.numpy()
             explanation.audio_times = info["audio_start"] + np.arange(values.shape[-1]) * frame_seconds
+            explanation.audio_clip = clip_frames(explanation.audio_times, info.get("audio_duration"), frame_seconds)
 
     explanation.attentions = [a.numpy() for a in fusion]
     explanation.attention_matrix = attention_matrix(fusion, out.modality_spans, out.token_mask[0].cpu())
     explanation.attention_matrix_mean = explanation.attention_matrix.mean(axis=(0, 1))
     return probs, explanation, out
+
+
+def clip_frames(times: np.ndarray, duration: float | None, frame_seconds: float) -> tuple[int, int]:
+    """(first, last + 1) of the frames whose time lies in the clip as given, [0, duration]."""
+    inside = (times >= -frame_seconds / 2) & (times <= (np.inf if duration is None else duration - frame_seconds / 2))
+    chosen = np.nonzero(inside)[0]
+    return (int(chosen[0]), int(chosen[-1]) + 1) if len(chosen) else (0, len(times))
 
 
 def _precision(model: torch.nn.Module) -> str:

@@ -231,9 +231,12 @@ class FusionFeatureExtractor:
         return self.log_mel(torch.from_numpy(wave)[None])[0], start
 
     def prepare(self, source: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The spectrogram and the facts an explanation needs (`audio_start`)."""
-        features, start = self(source)
-        return features, {"audio_start": start}
+        """The spectrogram and the facts an explanation needs: `audio_start` (where the model's window begins) and
+        `audio_duration` (the clip's length), in seconds of the clip as given."""
+        samples, rate = load_waveform(source, self.settings)
+        wave, start = prepare_waveform(samples, rate, self.settings)
+        features = self.log_mel(torch.from_numpy(wave)[None])[0]
+        return features, {"audio_start": start, "audio_duration": len(samples) / rate}
 
     @property
     def frame_seconds(self) -> float:

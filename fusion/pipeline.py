@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
+import numpy as np
 import torch
 
+from .cross_attention import CrossAttention, cross_attention, token_attention
 from .explain import Explanation, counterfactuals, explain_item
 from .modalities import HALF_PRECISIONS, MODALITIES, PRECISIONS, REGISTRY
 from .modeling import FusionForClassification, FusionOutput
@@ -50,6 +52,23 @@ class Prediction:
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probs.items(), key=lambda kv: kv[1], reverse=True)[:k]
+
+    def cross_attention(self, modality: str, at: Any, *, layer: int | None = None, head: int | None = None,
+                        direction: str = "from") -> CrossAttention:
+        """The fusion attention between the tokens at `at` (a pixel `(x, y)` of the image as given, a time in
+        seconds of the clip, or a word index of the text) and every token of the other given modalities, mapped
+        onto those inputs; see `fusion.cross_attention`. Read from the explained pass: nothing is recomputed."""
+        return cross_attention(self._explained(), modality, at, layer=layer, head=head, direction=direction)
+
+    def token_attention(self, rows: str, columns: str, *, layer: int | None = None, head: int | None = None) -> np.ndarray:
+        """(tokens of `rows`, tokens of `columns`) attention between two modalities' tokens."""
+        return token_attention(self._explained(), rows, columns, layer=layer, head=head)
+
+    def _explained(self) -> Explanation:
+        explanation = self.__dict__.get("explanation")
+        if explanation is None:
+            raise ValueError("this prediction was not explained; call the pipeline with explain=True")
+        return explanation
 
 
 def check_checkpoint(path: str | Path) -> Path:
@@ -220,6 +239,53 @@ class FusionPipeline:
         explanation.seconds = time.perf_counter() - started
         return probs, explanation
 
+    def trust(self, prediction: Prediction, *, fraction: float = 0.1, repeats: int = 3, seed: int = 0) -> dict[str, dict]:
+        """How far to trust each map of an explained prediction: the explained class's probability after removing
+        the map's top `fraction` of cells (pixels, spectrogram cells, text tokens) versus `repeats` random draws of
+        as many, all in one batched pass. Removed pixels and cells take the input's lowest value (blank paper,
+        the spectrogram's floor); removed tokens are masked out. Per modality: `top` and `random` (the mean
+        probability drop of each), `faithful` (top lowers it more than random; None when every cell is removed, as
+        for a one-word text, so the two cannot differ) and `cells` removed. Also kept in
+        `prediction.explanation.trust`."""
+        explanation = prediction._explained()
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        inputs, rng = explanation.inputs, np.random.default_rng(seed)
+        variants, plan = [inputs], []
+        for name, heat in explanation.input_heatmaps.items():
+            modality = REGISTRY[name]
+            if modality.grid == "sequence":
+                layout = explanation.layout
+                assert layout is not None
+                candidates = np.array([i for i, (s, e) in enumerate(layout.text_offsets) if e > s])
+                scores = heat[candidates] if len(candidates) else heat[:0]
+            else:
+                candidates, scores = np.arange(heat.size), heat.ravel()
+            if len(candidates) == 0:
+                continue
+            count = max(1, int(round(fraction * len(candidates))))
+            order = candidates[np.lexsort((rng.random(len(candidates)), -scores))]
+            draws = [order[:count]] + [rng.choice(candidates, count, replace=False) for _ in range(repeats)]
+            variants += [_removed(inputs, modality.name, cells) for cells in draws]
+            plan.append((name, count, count < len(candidates)))
+        if not plan:
+            return {}
+        batch = {key: torch.cat([v[key] for v in variants]) for key in inputs}
+        with torch.inference_mode():
+            logits = self.model(**batch).logits
+        assert logits is not None
+        probs = logits.float().softmax(dim=-1)[:, self.labels.index(explanation.target)].cpu().numpy()
+        result, row = {}, 1
+        for name, count, comparable in plan:
+            top, random_ = probs[0] - probs[row], probs[0] - probs[row + 1 : row + 1 + repeats].mean()
+            result[name] = {"top": round(float(top), 4), "random": round(float(random_), 4),
+                            "faithful": bool(top > random_) if comparable else None, "cells": count}
+            row += 1 + repeats
+        explanation.trust = result
+        return result
+
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """A processed batch's tensors on the model's device, floating ones in its dtype when it is half."""
         inputs = {k: v.to(self.device) for k, v in self.processor.model_inputs(batch).items()}
@@ -242,6 +308,25 @@ class FusionPipeline:
         probs = {label: float(p) for label, p in zip(self.labels, row.tolist())}
         label = self.labels[int(row.argmax())]
         return Prediction(label=label, probs=probs, modalities=info["modalities"], meta=info, timings=dict(timings))
+
+
+def _removed(inputs: dict[str, torch.Tensor], name: str, cells: np.ndarray) -> dict[str, torch.Tensor]:
+    """A copy of a batch of one with `cells` of modality `name` removed: grid cells set to the input's lowest value
+    (over every channel), sequence tokens masked out."""
+    modality = REGISTRY[name]
+    out = dict(inputs)
+    index = torch.from_numpy(np.asarray(cells, dtype=np.int64)).to(inputs[modality.main_input].device)
+    if modality.grid == "sequence":
+        mask = inputs[modality.inputs[1]].clone()
+        mask[0, index] = 0
+        out[modality.inputs[1]] = mask
+        return out
+    values = inputs[modality.main_input]
+    spatial = values.shape[-2] * values.shape[-1]
+    flat = values.clone().reshape(-1, spatial)
+    flat[:, index] = values.min()
+    out[modality.main_input] = flat.reshape(values.shape)
+    return out
 
 
 def _drop_empty(item: Any) -> Any:

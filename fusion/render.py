@@ -15,11 +15,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .cross_attention import TokenLayout
 from .explain import GROUPS, Explanation, normalise
 from .image_processing import open_image
 
 AXIS_HEIGHT = 22
 MATRIX_CELL = 64
+SCALE_WIDTH = 64  # the colour scale drawn right of each picture
+SPECTROGRAM_HEIGHT = 240  # pixels: the spectrogram is stretched to about this height and at least this width
+MARK = (255, 64, 64)  # outline of a chosen token
 
 
 def _colormap_table(name: str) -> np.ndarray:
@@ -64,10 +68,27 @@ def overlay(base: np.ndarray | Image.Image, heatmap: np.ndarray, *, alpha: float
 def for_display(heatmap: np.ndarray) -> np.ndarray:
     """Relevance is peaked (a few pixels carry most of it): scale to the 99th percentile of the non-zero
     values and take the square root, so the eye sees where it lies, not only its single maximum."""
+    return relevance_display(heatmap)[0]
+
+
+Ticks = list[tuple[float, str]]  # (position on a colour scale in [0, 1], its label)
+
+
+def relevance_display(heatmap: np.ndarray) -> tuple[np.ndarray, Ticks]:
+    """`for_display`'s colours of a relevance map in [0, 1] and the values its colour scale shows: the colour at
+    position v stands for relevance v² × (the 99th percentile), as a share of the map's peak."""
     positive = heatmap[heatmap > 0]
     if positive.size == 0:
-        return heatmap
-    return np.sqrt(np.clip(heatmap / max(float(np.percentile(positive, 99)), 1e-8), 0, 1))
+        return heatmap, [(0.0, "0"), (1.0, "1")]
+    top = max(float(np.percentile(positive, 99)), 1e-8)
+    shown = np.sqrt(np.clip(heatmap / top, 0, 1))
+    return shown, [(0.0, "0"), (0.5, f"{top / 4:.2f}"), (1.0, f"{top:.2f}+" if top < 1 else "1")]
+
+
+def attention_display(values: np.ndarray, peak: float) -> tuple[np.ndarray, Ticks]:
+    """Attention weights drawn linearly from 0 to `peak`, and that scale's ticks."""
+    peak = max(float(peak), 1e-8)
+    return np.clip(values / peak, 0, 1), [(0.0, "0"), (0.5, f"{peak / 2:.3f}"), (1.0, f"{peak:.3f}")]
 
 
 INK = {"black": (0, 0, 0), "white": (255, 255, 255)}
@@ -108,31 +129,78 @@ def _needs(value: np.ndarray | None, what: str) -> np.ndarray:
     return value
 
 
+def with_scale(picture: np.ndarray, ticks: Ticks, *, cmap: str = "viridis") -> np.ndarray:
+    """`picture` with a vertical colour scale on its right, labelled at `ticks`; (H', W + SCALE_WIDTH, 3) uint8."""
+    height, width = picture.shape[:2]
+    canvas = Image.new("RGB", (width + SCALE_WIDTH, max(height, 80)), "white")
+    canvas.paste(Image.fromarray(picture), (0, 0))
+    top, bottom = 6, min(height, canvas.height) - 6
+    bar = colorize(np.linspace(1, 0, bottom - top)[:, None].repeat(12, axis=1), cmap=cmap)
+    canvas.paste(Image.fromarray(bar), (width + 6, top))
+    for position, label in ticks:
+        y = int(round(bottom - 1 - position * (bottom - top - 1)))
+        ImageDraw.Draw(canvas).line([(width + 18, y), (width + 22, y)], fill="black")
+        _write(canvas, (width + 24, min(max(0, y - 5), canvas.height - 11)), label)
+    return np.asarray(canvas)
+
+
 def image_overlay(base: np.ndarray, explanation: Explanation, *, alpha: float = 0.5) -> np.ndarray:
-    """`base_image(...)` with the explanation's relevance on top; (H, W, 3) uint8."""
-    return overlay(base, for_display(_needs(explanation.image_heatmap, "image heatmap")), alpha=alpha)
+    """`base_image(...)` with the explanation's relevance on top and its colour scale; (H, W + scale, 3) uint8."""
+    shown, ticks = relevance_display(_needs(explanation.image_heatmap, "image heatmap"))
+    return with_scale(overlay(base, shown, alpha=alpha), ticks)
 
 
-def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, scale: int = 4) -> np.ndarray:
-    """The log-mel spectrogram in grey (low frequencies at the bottom) with relevance in colour and a time
-    axis in seconds underneath; (mel·scale + axis, frames·scale, 3) uint8."""
+def mark_cell(picture: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
+    """`picture` with the (left, top, right, bottom) box outlined, where the chosen token lies."""
+    if box is None:
+        return picture
+    canvas = Image.fromarray(picture)
+    ImageDraw.Draw(canvas).rectangle(box, outline=MARK, width=2)
+    return np.asarray(canvas)
+
+
+def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, values: np.ndarray | None = None,
+                      ticks: Ticks | None = None, mark: tuple[int, int] | None = None) -> np.ndarray:
+    """The log-mel spectrogram of the clip (the window's padding cut off, so the time axis runs from 0 s to the
+    clip's end) in grey, low frequencies at the bottom, with relevance in colour (or `values` in [0, 1] drawn
+    against `ticks`), a time axis in seconds underneath and a colour scale; `mark` outlines frames [start, stop)."""
     spectrogram = _needs(explanation.audio_spectrogram, "spectrogram")
+    if values is None:
+        values, ticks = relevance_display(_needs(explanation.audio_heatmap, "audio heatmap"))
+    first, stop = explanation.audio_clip or (0, spectrogram.shape[-1])
+    spectrogram, values = spectrogram[:, first:stop], values[:, first:stop]
+    times = _needs(explanation.audio_times, "audio times")[first:stop]
     spectrogram = normalise(spectrogram - spectrogram.min())
     grey = np.repeat((spectrogram[::-1] * 255).astype(np.uint8)[..., None], 3, axis=2)
-    coloured = overlay(grey, for_display(_needs(explanation.audio_heatmap, "audio heatmap")[::-1]), alpha=alpha)
-    height, width = coloured.shape[0] * scale, coloured.shape[1] * scale
+    coloured = overlay(grey, values[::-1], alpha=alpha)
+    mel, frames = coloured.shape[:2]
+    y_scale = max(1, round(SPECTROGRAM_HEIGHT / mel))
+    x_scale = max(2, -(-SPECTROGRAM_HEIGHT * 3 // 2 // frames))
+    height, width = mel * y_scale, frames * x_scale
     picture = Image.fromarray(coloured).resize((width, height), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (width, height + AXIS_HEIGHT), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    times = _needs(explanation.audio_times, "audio times")
-    step = _tick_step(times[-1] - times[0])
-    first = np.ceil(times[0] / step) * step
-    for tick in np.arange(first, times[-1] + 1e-9, step):
-        x = int(round((tick - times[0]) / (times[1] - times[0]) * scale)) if len(times) > 1 else 0
+    if mark is not None:
+        left, right = (mark[0] - first) * x_scale, (mark[1] - first) * x_scale - 1
+        if right >= 0 and left < width:
+            draw.rectangle((max(0, left), 0, min(width - 1, right), height - 1), outline=MARK, width=2)
+    step = _tick_step(float(times[-1] - times[0]) if len(times) > 1 else 1.0)
+    frame = float(times[1] - times[0]) if len(times) > 1 else 1.0
+    for tick in np.arange(np.ceil(times[0] / step - 1e-6) * step, times[-1] + frame + 1e-9, step):
+        x = min(width - 1, int(round((tick - times[0]) / frame * x_scale)))
         draw.line([(x, height), (x, height + 5)], fill="black")
-        _write(canvas, (min(x + 2, width - 30), height + 6), f"{tick:.1f} s")
-    return np.asarray(canvas)
+        _write(canvas, (min(x + 2, width - 30), height + 6), f"{abs(tick):.1f} s")
+    return with_scale(np.asarray(canvas), ticks or [])
+
+
+def spectrogram_x_to_time(explanation: Explanation, x: float) -> float:
+    """The clip's time (seconds) at column `x` of `spectrogram_image`'s picture."""
+    spectrogram = _needs(explanation.audio_spectrogram, "spectrogram")
+    first, stop = explanation.audio_clip or (0, spectrogram.shape[-1])
+    x_scale = max(2, -(-SPECTROGRAM_HEIGHT * 3 // 2 // (stop - first)))
+    times = _needs(explanation.audio_times, "audio times")
+    return float(times[min(stop - 1, first + max(0, int(x // x_scale)))])
 
 
 def _tick_step(span: float) -> float:
@@ -192,6 +260,8 @@ def explanation_record(prediction: Any) -> dict:
         "attention_matrix_mean": e.attention_matrix_mean.round(5).tolist(),
         "text_heatmap": e.text_heatmap,
         "audio_times": None if e.audio_times is None else np.round(e.audio_times, 4).tolist(),
+        "audio_clip": e.audio_clip,
+        "trust": e.trust,
         "timings": prediction.timings,
     }
     return record
@@ -206,10 +276,12 @@ def png_bytes(picture: np.ndarray) -> bytes:
 
 
 def export_zip(prediction: Any, path: str | Path, *, image: np.ndarray | None = None,
-               drawn: dict[str, bytes] | None = None) -> Path:
-    """Write `explanation.json` plus PNGs of every heatmap (and the overlays) into one zip file; `image` is the
-    input's `base_image`, for the image overlay. `drawn` gives PNGs already made, by name (`image_overlay.png`,
-    `audio_overlay.png`, `attention_matrix.png`), such as the ones a viewer sees; the others are drawn here."""
+               drawn: dict[str, bytes] | None = None, extra: dict[str, bytes] | None = None) -> Path:
+    """Write `explanation.json`, PNGs of every heatmap (and the overlays) and the token-level attention
+    (`fusion_attention.npz`: `attentions` (L, H, N, N), `token_mask` (N,) and each modality's `span_<name>`) into one
+    zip file; `image` is the input's `base_image`, for the image overlay. `drawn` gives PNGs already made, by name
+    (`image_overlay.png`, `audio_overlay.png`, `attention_matrix.png`), such as the ones a viewer sees; the others
+    are drawn here. `extra` files (a chosen token's views) are added as given."""
     path = Path(path)
     e = prediction.explanation
     drawn = drawn or {}
@@ -227,6 +299,15 @@ def export_zip(prediction: Any, path: str | Path, *, image: np.ndarray | None = 
         for name, draw in pictures.items():
             data = drawn[name] if name in drawn else png_bytes(draw())
             archive.writestr(name, data, compress_type=zipfile.ZIP_STORED)  # PNG is compressed already
+        for name, data in (extra or {}).items():
+            archive.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+        if e.attentions:
+            buffer = io.BytesIO()
+            mask = e.layout.token_mask if e.layout is not None else np.ones(e.attentions[0].shape[-1], dtype=bool)
+            arrays: dict[str, Any] = {"attentions": np.stack(e.attentions).astype(np.float32), "token_mask": mask}
+            arrays.update({f"span_{name}": np.array(span) for name, span in e.spans.items()})
+            np.savez_compressed(buffer, **arrays)
+            archive.writestr("fusion_attention.npz", buffer.getvalue())
     return path
 
 
@@ -301,3 +382,107 @@ def present(prediction: Any, image: np.ndarray | None, *, alpha: float = 0.5, la
         subsets=[[key, label, round(confidence, 3)] for key, (label, confidence) in alone.items()],
         notice=notice(prediction),
     )
+
+
+# ------------------------------------------------------------------------------- token-level attention
+
+
+def token_box(layout: TokenLayout, modality: str, token: int) -> tuple[int, int, int, int] | None:
+    """The image cell of `token` in pixels of the image as given (left, top, right, bottom), or for audio the
+    frames (start, stop, 0, 0) it covers; None for text."""
+    if modality not in layout.grids:
+        return None
+    special, rows, columns = layout.grids[modality]
+    height, width = layout.shapes[modality]
+    row, column = divmod(token - special, columns)
+    if modality == "audio":
+        return (column * width // columns, (column + 1) * width // columns, 0, 0)
+    x0, x1 = column * width / columns, (column + 1) * width / columns
+    y0, y1 = row * height / rows, (row + 1) * height / rows
+    geometry = layout.image_geometry
+    if geometry is None:
+        return (int(x0), int(y0), int(x1) - 1, int(y1) - 1)
+    left, top = geometry.box[:2]
+
+    def given(value: float, offset: float, start: int, size: int) -> int:
+        return int(min(size - 1, max(0, round(start + (value - offset) / geometry.scale))))
+
+    return (given(x0, geometry.offset[0], left, geometry.width), given(y0, geometry.offset[1], top, geometry.height),
+            given(x1, geometry.offset[0], left, geometry.width), given(y1, geometry.offset[1], top, geometry.height))
+
+
+def token_matrix_image(matrix: np.ndarray, rows: str, columns: str, *, cell: int = 8) -> np.ndarray:
+    """A token × token attention block (rows attend to columns) as a picture with its colour scale."""
+    shown, ticks = attention_display(matrix, float(matrix.max(initial=0.0)))
+    height, width = matrix.shape
+    scale = max(2, min(cell, 400 // max(width, 1)))
+    grid = Image.fromarray(colorize(shown)).resize((width * scale, height * scale), Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (max(width * scale + 8, 330), height * scale + 20), "white")
+    canvas.paste(grid, (0, 20))
+    _write(canvas, (2, 4), f"{rows} tokens (rows) attend to {columns} tokens (columns)")
+    return with_scale(np.asarray(canvas), ticks)
+
+
+@dataclass
+class CrossView:
+    """What a page shows for a chosen token: pictures (PNG bytes by the names `draw_pictures` uses, plus
+    `token_matrix.png`), the text's pieces with attention, and a line saying what is shown."""
+
+    pictures: dict[str, bytes | None]
+    words: list[tuple[str, float]] | None
+    caption: str
+
+
+def draw_cross(prediction: Any, image: np.ndarray | None, modality: str, at: Any, *, alpha: float = 0.5,
+               layer: int | None = None, head: int | None = None, direction: str = "from") -> CrossView:
+    """The token at `at` of `modality` outlined on its own view, and its attention across the other modalities
+    drawn over theirs, all on one colour scale (attention weights)."""
+    explanation = prediction.explanation
+    result = prediction.cross_attention(modality, at, layer=layer, head=head, direction=direction)
+    layout = explanation.layout
+    peak = result.peak
+    pictures: dict[str, bytes | None] = {"image_overlay.png": None, "audio_overlay.png": None}
+    box = token_box(layout, modality, result.tokens[0])
+    if "image" in layout.spans and image is not None:
+        if modality == "image":
+            picture = mark_cell(image_overlay(image, explanation, alpha=alpha), box)
+        else:
+            shown, ticks = attention_display(result.image, peak)
+            picture = with_scale(overlay(image, shown, alpha=max(alpha, 0.6)), ticks)
+        pictures["image_overlay.png"] = png_bytes(picture)
+    if "audio" in layout.spans:
+        if modality == "audio":
+            picture = spectrogram_image(explanation, alpha=alpha, mark=None if box is None else box[:2])
+        else:
+            shown, ticks = attention_display(result.audio, peak)
+            picture = spectrogram_image(explanation, alpha=max(alpha, 0.6), values=shown, ticks=ticks)
+        pictures["audio_overlay.png"] = png_bytes(picture)
+    others = [m for m in layout.spans if m != modality]
+    blocks = [token_matrix_image(prediction.token_attention(modality, other, layer=layer, head=head), modality, other)
+              for other in others]
+    pictures["token_matrix.png"] = png_bytes(_stack_vertically(blocks)) if blocks else None
+    words = result.text if modality != "text" else explanation.text_heatmap
+    chosen = _describe_place(layout, modality, at)
+    verb = "attends to" if direction == "from" else "is attended to by"
+    masses = ", ".join(f"{m} {v:.2f}" for m, v in result.mass.items())
+    where = "average of layers and heads" if layer is None and head is None else \
+        f"layer {'all' if layer is None else layer + 1}, head {'all' if head is None else head + 1}"
+    caption = f"Showing what {chosen} {verb} ({where}; total attention: {masses}). Colours: attention weight, 0 to {peak:.3f}."
+    return CrossView(pictures=pictures, words=words, caption=caption)
+
+
+def _describe_place(layout: TokenLayout, modality: str, at: Any) -> str:
+    if modality == "text":
+        from .explain import word_spans
+
+        start, end = word_spans(layout.text or "")[int(at)]
+        return f"the word “{(layout.text or '')[start:end]}”"
+    if modality == "image":
+        return f"the image at ({int(at[0])}, {int(at[1])})"
+    return f"the audio at {float(at):.2f} s"
+
+
+def _stack_vertically(pictures: list[np.ndarray]) -> np.ndarray:
+    width = max(p.shape[1] for p in pictures)
+    padded = [np.pad(p, ((0, 8), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in pictures]
+    return np.concatenate(padded, axis=0)

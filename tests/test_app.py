@@ -21,7 +21,7 @@ from PIL import Image
 import app
 from fusion import FusionInputError, FusionPipeline
 from fusion.bench import free_port
-from fusion.render import notice
+from fusion.render import SCALE_WIDTH, SPECTROGRAM_HEIGHT, notice
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,9 @@ def test_predict_with_a_sketch_text_and_a_numpy_recording(pipe, sketch, tone):
     labels, image, spectrogram, words, shares, subsets, notice, attention, download, state = out
     assert set(labels) == {str(d) for d in range(10)} and abs(sum(labels.values()) - 1) < 1e-5
     image, spectrogram, attention = (np.asarray(Image.open(p)) for p in (image, spectrogram, attention))
-    assert image.shape == (280, 280, 3) and image.dtype == np.uint8
-    assert spectrogram.shape == (32 * 4 + 22, 100 * 4, 3)
+    assert image.shape == (280, 280 + SCALE_WIDTH, 3) and image.dtype == np.uint8  # the image and its colour scale
+    assert spectrogram.shape[0] >= SPECTROGRAM_HEIGHT and spectrogram.shape[1] >= SPECTROGRAM_HEIGHT + SCALE_WIDTH
+    assert state["focus"] is None  # no token chosen yet
     assert "".join(piece for piece, _ in words) == "the number is one"
     assert [row[0] for row in shares] == ["image", "text", "audio"]
     assert len(subsets) == 7
@@ -57,6 +58,52 @@ def test_predict_with_a_sketch_text_and_a_numpy_recording(pipe, sketch, tone):
         assert {"explanation.json", "image_heatmap.png", "image_overlay.png", "audio_overlay.png"} <= set(archive.namelist())
         shown = np.asarray(Image.open(archive.open("image_overlay.png")))
     assert np.array_equal(shown, np.asarray(Image.open(app.render(state, 0.3, "layer 1", "average")[0])))
+
+
+class Click:
+    """What Gradio passes a `.select` handler (`gr.SelectData`), reduced to the index it carries."""
+
+    def __init__(self, index):
+        self.index = index
+
+
+def test_clicks_redraw_every_view_around_the_chosen_token(pipe, sketch, tone):
+    """A click on the image, the spectrogram or a word redraws from the kept explanation: the chosen token is named,
+    the other modalities show its attention, the token × token picture appears; `unfocus` goes back."""
+    state = app.predict(pipe, sketch, "the number is one", tone)[9]
+    calls = pipe.model.forward
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a redraw ran the model")
+
+    pipe.model.forward = no_forward
+    try:
+        image, audio, _, words, tokens, caption, state = app.clicked_image(state, 0.5, "average", "average", "from", Click([140, 100]))
+        assert "the image at (140, 100)" in caption and tokens and image and audio
+        assert [p for p, _ in words] == ["the", " ", "number", " ", "is", " ", "one"]
+        *_, caption, state = app.clicked_word(state, 0.5, "layer 1", "head 2", "to", Click(6))
+        assert "the word “one” is attended to by" in caption and "layer 1, head 2" in caption
+        *_, caption, state = app.clicked_spectrogram(state, 0.5, "average", "average", "from", Click([5, 10]))
+        assert "the audio at" in caption
+        with zipfile.ZipFile(app.export(state, 0.5, "average", "average")) as archive:
+            assert {"focus_token_matrix.png", "fusion_attention.npz"} <= set(archive.namelist())
+        with pytest.raises(gr.Error, match="not on its colour scale"):
+            app.clicked_image(state, 0.5, "average", "average", "from", Click([290, 10]))
+        with pytest.raises(gr.Error, match="Click on a word"):
+            app.clicked_word(state, 0.5, "average", "average", "from", Click(1))
+        *_, tokens, caption, state = app.unfocus(state, 0.5, "average", "average", "from")
+        assert tokens is None and caption == app.FOCUS_HINT and state["focus"] is None
+    finally:
+        pipe.model.forward = calls
+    with pytest.raises(gr.Error, match="Press Predict first"):
+        app.focus(None, 0.5, "average", "average", "from", "image", (1, 1))
+
+
+def test_the_maps_are_checked_after_the_answer(pipe, sketch, tone):
+    state = app.predict(pipe, sketch, "the number is one", tone)[9]
+    rows = app.check_maps(pipe, state)
+    assert [row[0] for row in rows] == ["image", "text", "audio"]
+    assert all(row[3] in ("yes", "no", "cannot tell") for row in rows)
 
 
 def test_export_before_any_answer_says_so():
@@ -110,12 +157,12 @@ def test_answer_folders_of_stopped_processes_are_removed_at_start(tmp_path):
 
 
 def test_rerender_changes_with_opacity_and_layer(pipe, sketch):
-    *_, state = app.predict(pipe, sketch, None, None)
-    faint, _, average = (np.asarray(Image.open(p)) if p else None for p in app.render(state, 0.1, "average", "average"))
-    strong, _, first = (np.asarray(Image.open(p)) if p else None for p in app.render(state, 0.9, "layer 1", "head 2"))
+    state = app.predict(pipe, sketch, None, None)[9]
+    faint, _, average = (np.asarray(Image.open(p)) if p else None for p in app.render(state, 0.1, "average", "average")[:3])
+    strong, _, first = (np.asarray(Image.open(p)) if p else None for p in app.render(state, 0.9, "layer 1", "head 2")[:3])
     assert faint.shape == strong.shape and not np.array_equal(faint, strong)
     assert average.shape == first.shape
-    assert app.render(None, 0.5, "average", "average") == (None, None, None)
+    assert app.render(None, 0.5, "average", "average") == (None, None, None, None, None, app.FOCUS_HINT)
 
 
 def test_untouched_sketchpad_and_empty_text_are_an_empty_submission(pipe):
@@ -136,7 +183,7 @@ def test_corrupt_upload_shows_the_processor_message(pipe, tmp_path):
 
 
 def test_disagreement_is_announced(pipe, sketch, monkeypatch):
-    *_, state = app.predict(pipe, sketch, "seven", None)
+    state = app.predict(pipe, sketch, "seven", None)[9]
     explanation = state["prediction"].explanation
     monkeypatch.setitem(explanation.agreement, "agree", False)
     monkeypatch.setitem(explanation.agreement, "labels", {"image": "1", "text": "7"})
@@ -199,8 +246,8 @@ def test_running_app_answers_through_gradio_client(server, tmp_path, tone):
                             api_name="/predict")
     labels, image_path, spectrogram_path, words = result[:4]
     assert labels["label"] in {str(d) for d in range(10)}
-    assert Image.open(image_path).size == (90, 120)
-    assert Image.open(spectrogram_path).size[0] == 400
+    assert Image.open(image_path).size == (90 + SCALE_WIDTH, 120)  # the image as given and its colour scale
+    assert Image.open(spectrogram_path).size[0] >= SPECTROGRAM_HEIGHT + SCALE_WIDTH
     assert [w["token"] for w in words] == ["eins"]
     with pytest.raises(Exception, match="Nothing to answer"):
         client.predict(None, "", None, "relevance", 0.5, "average", "average", api_name="/predict")

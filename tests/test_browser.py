@@ -1,5 +1,6 @@
 """Real-browser journeys: Debian's Chromium driven by Playwright against the running app."""
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -71,6 +72,21 @@ def test_upload_type_and_see_the_answer_and_heatmaps(url, browser):
     print(f"submit to rendered heatmaps: {elapsed:.2f} s")
     page.locator("#export").click()  # the zip is built when asked for
     page.locator("#download a[download='explanation.zip']").wait_for(timeout=30_000)
+    page.locator("#trust").get_by_text("audio").wait_for(timeout=30_000)  # the maps' check follows the answer
+
+    # Token-level attention: a word, then a place on the image; every view redraws around the chosen token.
+    page.locator("#text-heatmap").get_by_text("sieben").click()
+    page.locator("#focus").get_by_text("the word “sieben” attends to").wait_for(timeout=30_000)
+    page.wait_for_selector("#token-matrix img", state="attached", timeout=30_000)
+    picture = page.locator("#image-heatmap img")
+    box = picture.bounding_box()
+    natural = picture.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    # The picture is the image as given (280 px square here, scaled by the page) and its colour scale on the right.
+    picture.click(position={"x": box["width"] * 140 / natural[0], "y": box["height"] * 100 / natural[1]})
+    try:
+        page.locator("#focus").get_by_text(re.compile(r"the image at \(1[34]\d, (9\d|10\d)\) attends to")).wait_for(timeout=30_000)
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "app-token-attention.png"), full_page=True)
 
 
 def test_corrupt_upload_shows_the_error_and_the_app_keeps_serving(url, browser, tmp_path):
