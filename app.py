@@ -69,6 +69,7 @@ I18N = gr.I18n(
         "fusion_focus_hint": FOCUS_HINT,
         "fusion_direction": "Clicked token", "fusion_clear": "Back to relevance",
         "fusion_token_matrix": "Token × token attention across modalities", "fusion_check": "Check the maps",
+        "fusion_compare": "Compare with full precision (fp32)",
     },
     zh={
         "fusion_intro": "输入手写数字、短语和语音数字中的任意组合。模型回答你指的是哪个数字，并说明原因：图像、频谱图和文字上的相关性，"
@@ -84,6 +85,7 @@ I18N = gr.I18n(
         "fusion_focus_hint": "点击图像上的位置、频谱图上的时刻或一个词，查看该词元在其他模态上的注意力。",
         "fusion_direction": "点击的词元", "fusion_clear": "回到相关性",
         "fusion_token_matrix": "跨模态的词元 × 词元注意力", "fusion_check": "检验热图",
+        "fusion_compare": "与全精度（fp32）比较",
     },
 )
 
@@ -388,6 +390,26 @@ def unfocus(state, alpha, layer, head, direction):
     return (*render(state, alpha, layer, head, direction), state)
 
 
+def compare_precision(pipeline: FusionPipeline, state: dict | None) -> str:
+    """On request: the answer and its maps redone with the checkpoint's fp32 weights, as a short Markdown table."""
+    if not state:
+        raise gr.Error("Press Predict first, then compare.")
+    clock = StageClock()
+    try:
+        result = pipeline.compare_precision(state["prediction"])
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    clock.mark("compare")
+    clock.record("compare")
+    label = state["prediction"].label
+    mine, full = result["probs"][label]
+    lines = [f"**{pipeline.precision} vs fp32** (same checkpoint): P({label}) {mine:.4f} vs {full:.4f}; largest "
+             f"difference over all classes {result['largest_difference']:.4f}.", "",
+             "| map | rank correlation | top-10% overlap |", "|---|---|---|"]
+    lines += [f"| {name} | {m['rank_correlation']:.3f} | {m['top_overlap']:.0%} |" for name, m in result["maps"].items()]
+    return "\n".join(lines)
+
+
 def check_maps(pipeline: FusionPipeline, state: dict | None):
     """The trust figure of each map, after the answer is shown (it costs one batched pass): the explained class's
     probability drop when the map's top 10% is removed against a random 10%. The chained event that calls it also
@@ -456,6 +478,8 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
                 token_matrix = gr.Image(label=I18N("fusion_token_matrix"), type="filepath", elem_id="token-matrix")
                 trust = gr.Dataframe(headers=["map", "drop, top 10% removed", "drop, random 10%", "faithful here"],
                                      label=I18N("fusion_check"), elem_id="trust")
+                compare = gr.Button(I18N("fusion_compare"), elem_id="compare-precision")
+                compared = gr.Markdown(elem_id="precision-comparison")
                 prepare = gr.Button(I18N("fusion_export"), elem_id="export")
                 download = gr.File(label=I18N("fusion_download"), elem_id="download")
         rows = example_rows()
@@ -466,7 +490,7 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
         outputs = [label, image_out, audio_out, words, shares, subsets, summary, attention, download, state]
         submit.click(lambda *a: predict(pipeline, *a), [image, text, audio, method, alpha, layer, head], outputs,
                      api_name="predict", show_progress="full").then(
-            lambda s: (check_maps(pipeline, s), None, FOCUS_HINT), [state], [trust, token_matrix, focus_line],
+            lambda s: (check_maps(pipeline, s), None, FOCUS_HINT, ""), [state], [trust, token_matrix, focus_line, compared],
             api_visibility="private", show_progress="hidden")
         prepare.click(export, [state, alpha, layer, head], download, api_name="export", show_progress="minimal")
         views = [image_out, audio_out, attention, words, token_matrix, focus_line]
@@ -476,6 +500,8 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
         chosen = [state, alpha, layer, head, direction]
         for component, handler in ((image_out, clicked_image), (audio_out, clicked_spectrogram), (words, clicked_word)):
             component.select(handler, chosen, [*views, state], api_visibility="private", show_progress="hidden")
+        compare.click(lambda s: compare_precision(pipeline, s), [state], compared, api_visibility="private",
+                      show_progress="minimal")
         clear.click(unfocus, chosen, [*views, state], api_visibility="private", show_progress="hidden")
     return demo
 

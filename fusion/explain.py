@@ -45,6 +45,9 @@ class Explanation:
         method (`str`): the method that ran (it may differ from the one asked, see `notes`).
         target (`str`): the class explained.
         image_heatmap (`np.ndarray (height, width)`): relevance per pixel of the image as given.
+        image_token_heatmap (`np.ndarray (height, width)`): the same relevance at the encoder's own resolution (per
+            token cell, smoothed between cells) before gradient × input picks out pixels inside each cell: what
+            the app draws, since it covers the strokes a token sees rather than a few of its inked pixels.
         audio_heatmap (`np.ndarray (mel, frames)`): relevance per spectrogram cell.
         audio_spectrogram (`np.ndarray (mel, frames)`): the log-mel spectrogram the model saw.
         audio_times (`np.ndarray (frames,)`): time of each frame in seconds of the clip as given.
@@ -73,6 +76,7 @@ class Explanation:
     method: str
     target: str
     image_heatmap: np.ndarray | None = None
+    image_token_heatmap: np.ndarray | None = None
     audio_heatmap: np.ndarray | None = None
     audio_spectrogram: np.ndarray | None = None
     audio_times: np.ndarray | None = None
@@ -372,6 +376,7 @@ def explain_item(
             encoder_shape = (values.shape[-1], values.shape[-2])
         heat = _grid_map(scores, encoder, spatial, encoder_shape)
         layout.grids[name], layout.shapes[name] = token_grid(encoder, encoder_shape), (int(spatial[0]), int(spatial[1]))
+        token_level = normalise(heat.detach().numpy())
         if ran == "relevance" and cell_gradients(encoder):
             # Within each token's cell, gradient × signal above the background says which pixels mattered.
             grad = input_grads[modality.main_input][0].detach().float().cpu().reshape(values.shape)
@@ -381,6 +386,7 @@ def explain_item(
         explanation.input_heatmaps[name] = heat_map
         if name == "image":
             explanation.image_heatmap = image_to_given(heat_map, info["image_geometry"])
+            explanation.image_token_heatmap = image_to_given(token_level, info["image_geometry"])
         else:
             explanation.audio_heatmap = heat_map
             explanation.audio_spectrogram = values.numpy()

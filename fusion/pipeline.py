@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,11 +150,44 @@ class FusionPipeline:
         self.precision, self.name = precision, name
         self.device = next(model.parameters()).device
         self.labels = model.config.class_names
+        self.source: Path | None = None  # the checkpoint folder, when loaded from one
+        self._full_precision: FusionForClassification | None = None
+        self._full_precision_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> FusionPipeline:
         model, precision, _ = load_model(path, precision=precision, device=device)
-        return cls(model, FusionProcessor.from_pretrained(path), precision=precision, name=Path(path).name)
+        pipeline = cls(model, FusionProcessor.from_pretrained(path), precision=precision, name=Path(path).name)
+        pipeline.source = Path(path)
+        return pipeline
+
+    def compare_precision(self, prediction: Prediction) -> dict[str, Any]:
+        """The explained `prediction` redone with the fp32 weights of the same checkpoint on the CPU (loaded on the
+        first call and kept): both probabilities of every class and the largest difference, and per map the rank
+        correlation (Spearman) of the two heatmaps and the overlap of their top 10% cells. For an 8-bit model, it
+        says how much quantisation changed the answer and its explanation."""
+        explanation = prediction._explained()
+        if self.source is None:
+            raise ValueError("compare_precision needs a pipeline loaded with from_pretrained (it reloads the checkpoint in fp32)")
+        with self._full_precision_lock:
+            if self._full_precision is None:
+                self._full_precision = load_model(self.source, precision="fp32", device="cpu")[0]
+        reference = self._full_precision
+        inputs = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in explanation.inputs.items()}
+        probs, other, _ = explain_item(reference, inputs, prediction.meta, method=explanation.method,
+                                       target=self.labels.index(explanation.target),
+                                       frame_seconds=self.processor.feature_extractor.frame_seconds)
+        mine = np.array([prediction.probs[label] for label in self.labels])
+        result: dict[str, Any] = {
+            "precision": self.precision,
+            "probs": {label: (round(float(a), 4), round(float(b), 4)) for label, a, b in zip(self.labels, mine, probs.numpy())},
+            "largest_difference": round(float(np.abs(mine - probs.numpy()).max()), 4),
+            "maps": {},
+        }
+        for name in explanation.input_heatmaps:
+            a, b = explanation.input_heatmaps[name].ravel(), other.input_heatmaps[name].ravel()
+            result["maps"][name] = {"rank_correlation": round(_spearman(a, b), 4), "top_overlap": round(_top_overlap(a, b), 4)}
+        return result
 
     @property
     def description(self) -> str:
@@ -308,6 +342,28 @@ class FusionPipeline:
         probs = {label: float(p) for label, p in zip(self.labels, row.tolist())}
         label = self.labels[int(row.argmax())]
         return Prediction(label=label, probs=probs, modalities=info["modalities"], meta=info, timings=dict(timings))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (Spearman's convention)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(len(values))
+    unique, inverse = np.unique(values, return_inverse=True)
+    return np.bincount(inverse, ranks)[inverse] / np.bincount(inverse)[inverse] if len(unique) < len(values) else ranks
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _top_overlap(a: np.ndarray, b: np.ndarray, fraction: float = 0.1) -> float:
+    """Share of the top `fraction` cells of `a` that are also in the top `fraction` of `b`."""
+    count = max(1, int(round(fraction * len(a))))
+    return len(set(np.argsort(-a, kind="stable")[:count]) & set(np.argsort(-b, kind="stable")[:count])) / count
 
 
 def _removed(inputs: dict[str, torch.Tensor], name: str, cells: np.ndarray) -> dict[str, torch.Tensor]:

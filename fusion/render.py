@@ -145,8 +145,10 @@ def with_scale(picture: np.ndarray, ticks: Ticks, *, cmap: str = "viridis") -> n
 
 
 def image_overlay(base: np.ndarray, explanation: Explanation, *, alpha: float = 0.5) -> np.ndarray:
-    """`base_image(...)` with the explanation's relevance on top and its colour scale; (H, W + scale, 3) uint8."""
-    shown, ticks = relevance_display(_needs(explanation.image_heatmap, "image heatmap"))
+    """`base_image(...)` with the explanation's relevance on top (per token cell where the explanation has it, see
+    `Explanation.image_token_heatmap`) and its colour scale; (H, W + scale, 3) uint8."""
+    heatmap = explanation.image_token_heatmap if explanation.image_token_heatmap is not None else explanation.image_heatmap
+    shown, ticks = relevance_display(_needs(heatmap, "image heatmap"))
     return with_scale(overlay(base, shown, alpha=alpha), ticks)
 
 

@@ -99,11 +99,15 @@ def test_clicks_redraw_every_view_around_the_chosen_token(pipe, sketch, tone):
         app.focus(None, 0.5, "average", "average", "from", "image", (1, 1))
 
 
-def test_the_maps_are_checked_after_the_answer(pipe, sketch, tone):
+def test_the_maps_are_checked_after_the_answer_and_compared_on_request(pipe, sketch, tone):
     state = app.predict(pipe, sketch, "the number is one", tone)[9]
     rows = app.check_maps(pipe, state)
     assert [row[0] for row in rows] == ["image", "text", "audio"]
     assert all(row[3] in ("yes", "no", "cannot tell") for row in rows)
+    table = app.compare_precision(pipe, state)
+    assert table.startswith("**fp32 vs fp32**") and "| audio | 1.000 | 100% |" in table
+    with pytest.raises(gr.Error, match="Press Predict first"):
+        app.compare_precision(pipe, None)
 
 
 def test_export_before_any_answer_says_so():

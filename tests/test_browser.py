@@ -87,6 +87,8 @@ def test_upload_type_and_see_the_answer_and_heatmaps(url, browser):
         page.locator("#focus").get_by_text(re.compile(r"the image at \(1[34]\d, (9\d|10\d)\) attends to")).wait_for(timeout=30_000)
     finally:
         page.screenshot(path=str(ARTIFACTS / "app-token-attention.png"), full_page=True)
+    page.locator("#compare-precision").click()
+    page.locator("#precision-comparison").get_by_text("top-10% overlap").wait_for(timeout=60_000)
 
 
 def test_corrupt_upload_shows_the_error_and_the_app_keeps_serving(url, browser, tmp_path):

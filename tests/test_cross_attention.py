@@ -131,3 +131,16 @@ def test_trust_compares_top_cells_with_random_ones(explained):
         pipe.trust(prediction, fraction=1.5)
     with pytest.raises(ValueError, match="not explained"):
         pipe.trust(pipe(text="seven"))
+
+
+def test_comparison_with_full_precision(explained):
+    """fp32 against itself agrees exactly; int8 and bf16 come close (a random tiny model, so only loosely)."""
+    pipe, prediction, _ = explained
+    result = pipe.compare_precision(prediction)
+    assert set(result["maps"]) == set(prediction.modalities) and set(result["probs"]) == set(pipe.labels)
+    if pipe.precision == "fp32":
+        assert result["largest_difference"] < 1e-5
+        assert all(m["rank_correlation"] > 0.999 and m["top_overlap"] == 1.0 for m in result["maps"].values())
+    else:
+        assert result["largest_difference"] < 0.1
+        assert all(m["rank_correlation"] > 0.5 for m in result["maps"].values())
