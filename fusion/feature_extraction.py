@@ -187,11 +187,13 @@ class LogMel:
             mel_scale=settings.mel_scale,
         )
 
-    def __call__(self, waves: torch.Tensor) -> torch.Tensor:
+    def __call__(self, waves: torch.Tensor, *, whole: bool = False) -> torch.Tensor:
         """(B, samples) -> log-mel (B, mel, frames), normalised per clip as `settings.normalization` says: for
         "per-clip", floored at `top_db` below each clip's peak and brought to zero mean and unit variance, so
-        microphones and rooms matter less than the words; for "whisper", exactly Whisper's own features."""
-        mel = self.transform(waves)[..., : self.settings.num_frames]
+        microphones and rooms matter less than the words; for "whisper", exactly Whisper's own features. Cut to
+        the model's window unless `whole` (a picture of a longer clip)."""
+        mel = self.transform(waves)
+        mel = mel if whole else mel[..., : self.settings.num_frames]
         if self.settings.normalization == "whisper":
             logs = torch.log10(mel.clamp_min(1e-10))  # (B, mel, frames)
             logs = torch.maximum(logs, logs.amax(dim=(-2, -1), keepdim=True) - 8.0)
@@ -232,11 +234,19 @@ class FusionFeatureExtractor:
 
     def prepare(self, source: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """The spectrogram and the facts an explanation needs: `audio_start` (where the model's window begins) and
-        `audio_duration` (the clip's length), in seconds of the clip as given."""
+        `audio_duration` (the clip's length), in seconds of the clip as given; for a clip longer than the window,
+        also `audio_clip_features`, the whole clip's log-mel (mel, frames from 0 s), for pictures of all of it."""
         samples, rate = load_waveform(source, self.settings)
         wave, start = prepare_waveform(samples, rate, self.settings)
         features = self.log_mel(torch.from_numpy(wave)[None])[0]
-        return features, {"audio_start": start, "audio_duration": len(samples) / rate}
+        facts: dict[str, Any] = {"audio_start": start, "audio_duration": len(samples) / rate}
+        if len(samples) / rate > self.settings.duration + self.frame_seconds:
+            whole = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+            if rate != self.settings.sampling_rate:
+                whole = torchaudio.functional.resample(whole, rate, self.settings.sampling_rate)
+            whole = whole / max(float(whole.abs().max()), 1e-8)
+            facts["audio_clip_features"] = self.log_mel(whole[None], whole=True)[0].numpy()
+        return features, facts
 
     @property
     def frame_seconds(self) -> float:

@@ -161,48 +161,62 @@ def mark_cell(picture: np.ndarray, box: tuple[int, int, int, int] | None) -> np.
     return np.asarray(canvas)
 
 
+MAX_SPECTROGRAM_WIDTH = 1200  # pixels: a long clip's picture is squeezed to this width
+
+
 def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, values: np.ndarray | None = None,
                       ticks: Ticks | None = None, mark: tuple[int, int] | None = None) -> np.ndarray:
-    """The log-mel spectrogram of the clip (the window's padding cut off, so the time axis runs from 0 s to the
-    clip's end) in grey, low frequencies at the bottom, with relevance in colour (or `values` in [0, 1] drawn
-    against `ticks`), a time axis in seconds underneath and a colour scale; `mark` outlines frames [start, stop)."""
-    spectrogram = _needs(explanation.audio_spectrogram, "spectrogram")
+    """The log-mel spectrogram of the whole clip as given (time from 0 s to its end; the window's padding left out,
+    and for a clip longer than the model's window, the rest of the clip in grey) with low frequencies at the
+    bottom, relevance in colour over the window the model heard (or `values` in [0, 1], window frames, drawn
+    against `ticks`), a time axis in seconds and a colour scale; `mark` outlines window frames [start, stop)."""
+    window = _needs(explanation.audio_spectrogram, "spectrogram")
     if values is None:
         values, ticks = relevance_display(_needs(explanation.audio_heatmap, "audio heatmap"))
-    first, stop = explanation.audio_clip or (0, spectrogram.shape[-1])
-    spectrogram, values = spectrogram[:, first:stop], values[:, first:stop]
-    times = _needs(explanation.audio_times, "audio times")[first:stop]
-    spectrogram = normalise(spectrogram - spectrogram.min())
-    grey = np.repeat((spectrogram[::-1] * 255).astype(np.uint8)[..., None], 3, axis=2)
-    coloured = overlay(grey, values[::-1], alpha=alpha)
-    mel, frames = coloured.shape[:2]
-    y_scale = max(1, round(SPECTROGRAM_HEIGHT / mel))
-    x_scale = max(2, -(-SPECTROGRAM_HEIGHT * 3 // 2 // frames))
-    height, width = mel * y_scale, frames * x_scale
+    clip = explanation.audio_clip_spectrogram
+    clip, offset = (window, 0) if clip is None else (clip, explanation.audio_clip_offset)
+    mel, frames = clip.shape
+    placed = np.zeros((mel, frames), dtype=np.float32)
+    lo, hi = max(0, offset), min(frames, offset + window.shape[-1])
+    if hi > lo:
+        placed[:, lo:hi] = values[:, lo - offset : hi - offset]
+    grey = np.repeat((normalise(clip - clip.min())[::-1] * 255).astype(np.uint8)[..., None], 3, axis=2)
+    coloured = overlay(grey, placed[::-1], alpha=alpha)
+    height, width = mel * max(1, round(SPECTROGRAM_HEIGHT / mel)), _spectrogram_width(frames)
     picture = Image.fromarray(coloured).resize((width, height), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (width, height + AXIS_HEIGHT), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
+    x_scale = width / frames
     if mark is not None:
-        left, right = (mark[0] - first) * x_scale, (mark[1] - first) * x_scale - 1
+        left, right = int((mark[0] + offset) * x_scale), int((mark[1] + offset) * x_scale) - 1
         if right >= 0 and left < width:
             draw.rectangle((max(0, left), 0, min(width - 1, right), height - 1), outline=MARK, width=2)
-    step = _tick_step(float(times[-1] - times[0]) if len(times) > 1 else 1.0)
-    frame = float(times[1] - times[0]) if len(times) > 1 else 1.0
-    for tick in np.arange(np.ceil(times[0] / step - 1e-6) * step, times[-1] + frame + 1e-9, step):
-        x = min(width - 1, int(round((tick - times[0]) / frame * x_scale)))
+    frame = _frame_seconds(explanation)
+    step = _tick_step(frames * frame)
+    for tick in np.arange(0.0, frames * frame + 1e-9, step):
+        x = min(width - 1, int(round(tick / frame * x_scale)))
         draw.line([(x, height), (x, height + 5)], fill="black")
-        _write(canvas, (min(x + 2, width - 30), height + 6), f"{abs(tick):.1f} s")
+        _write(canvas, (min(x + 2, width - 30), height + 6), f"{tick:.1f} s")
     return with_scale(np.asarray(canvas), ticks or [])
 
 
+def _spectrogram_width(frames: int) -> int:
+    return min(MAX_SPECTROGRAM_WIDTH, frames * max(2, -(-SPECTROGRAM_HEIGHT * 3 // 2 // frames)))
+
+
+def _frame_seconds(explanation: Explanation) -> float:
+    times = explanation.audio_times
+    return float(times[1] - times[0]) if times is not None and len(times) > 1 else 0.01
+
+
 def spectrogram_x_to_time(explanation: Explanation, x: float) -> float:
-    """The clip's time (seconds) at column `x` of `spectrogram_image`'s picture."""
-    spectrogram = _needs(explanation.audio_spectrogram, "spectrogram")
-    first, stop = explanation.audio_clip or (0, spectrogram.shape[-1])
-    x_scale = max(2, -(-SPECTROGRAM_HEIGHT * 3 // 2 // (stop - first)))
-    times = _needs(explanation.audio_times, "audio times")
-    return float(times[min(stop - 1, first + max(0, int(x // x_scale)))])
+    """The clip's time (seconds from its start) at column `x` of `spectrogram_image`'s picture."""
+    clip = explanation.audio_clip_spectrogram
+    frames = (clip if clip is not None else _needs(explanation.audio_spectrogram, "spectrogram")).shape[-1]
+    column = min(frames - 1, max(0, int(x / _spectrogram_width(frames) * frames)))
+    return column * _frame_seconds(explanation) if clip is not None else float(
+        _needs(explanation.audio_times, "audio times")[column])
 
 
 def _tick_step(span: float) -> float:
