@@ -31,6 +31,8 @@ from PIL import Image
 from fusion import METHODS, PRECISIONS, FusionInputError, FusionPipeline
 from fusion.image_processing import open_image
 from fusion.render import (
+    AXIS_HEIGHT,
+    SCALE_WIDTH,
     base_image,
     draw_cross,
     draw_pictures,
@@ -88,6 +90,46 @@ I18N = gr.I18n(
         "fusion_compare": "与全精度（fp32）比较",
     },
 )
+
+
+# A playhead over the spectrogram picture, in step with the audio input's player. Gradio has no event for the
+# playback position, so the page follows it: on every animation frame, the playing <audio> element's time (inside
+# the player's shadow root too) places a line over the picture, whose clip runs from 0 s at the left to the end
+# of the clip at the colour scale. SCALE_WIDTH and AXIS_HEIGHT are render's, in the picture's own pixels.
+PLAYHEAD_JS = """
+() => {
+  const SCALE_WIDTH = %d, AXIS_HEIGHT = %d;
+  const line = document.createElement("div");
+  line.id = "playhead";
+  line.style.cssText = "position:absolute;width:2px;background:#ff4040;pointer-events:none;display:none;z-index:10";
+  function players() {
+    const root = document.querySelector("#audio-input");
+    if (!root) return [];
+    const found = [...root.querySelectorAll("audio")];
+    root.querySelectorAll("*").forEach(e => { if (e.shadowRoot) found.push(...e.shadowRoot.querySelectorAll("audio")); });
+    return found;
+  }
+  function tick() {
+    const img = document.querySelector("#audio-heatmap img");
+    const audio = players().find(a => !a.paused) || players().find(a => a.currentTime > 0);
+    if (img && img.naturalWidth && audio && audio.duration > 0) {
+      const host = img.parentElement;
+      if (line.parentElement !== host) { host.style.position = "relative"; host.appendChild(line); }
+      const box = img.getBoundingClientRect(), hostBox = host.getBoundingClientRect();
+      const scale = box.width / img.naturalWidth;
+      const x = Math.min(1, audio.currentTime / audio.duration) * (img.naturalWidth - SCALE_WIDTH) * scale;
+      line.style.left = (box.left - hostBox.left + x) + "px";
+      line.style.top = (box.top - hostBox.top) + "px";
+      line.style.height = Math.max(0, box.height - AXIS_HEIGHT * scale) + "px";
+      line.style.display = "block";
+    } else {
+      line.style.display = "none";
+    }
+    requestAnimationFrame(tick);
+  }
+  requestAnimationFrame(tick);
+}
+""" % (SCALE_WIDTH, AXIS_HEIGHT)
 
 
 def explain_unreadable_images(component: gr.Sketchpad) -> gr.Sketchpad:
@@ -625,6 +667,7 @@ def main(argv: list[str] | None = None) -> None:
             max_file_size=MAX_FILE_SIZE,
             show_error=True,
             i18n=I18N,
+            js=PLAYHEAD_JS,
         )
     finally:  # Ctrl-C or SIGTERM
         demo.close(verbose=False)

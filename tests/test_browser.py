@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fusion.render import SCALE_WIDTH
+
 from .test_app import _launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,16 @@ def test_upload_type_and_see_the_answer_and_heatmaps(url, browser):
         page.locator("#focus").get_by_text(re.compile(r"the image at \(1[34]\d, (9\d|10\d)\) attends to")).wait_for(timeout=30_000)
     finally:
         page.screenshot(path=str(ARTIFACTS / "app-token-attention.png"), full_page=True)
+    # The playhead follows the player: halfway through the clip, it stands halfway across the spectrogram.
+    page.evaluate("""() => { const root = document.querySelector('#audio-input');
+        const all = [...root.querySelectorAll('audio')];
+        root.querySelectorAll('*').forEach(e => { if (e.shadowRoot) all.push(...e.shadowRoot.querySelectorAll('audio')); });
+        all.filter(a => isFinite(a.duration) && a.duration > 0).forEach(a => { a.currentTime = a.duration / 2; }); }""")
+    page.wait_for_selector("#playhead", state="visible", timeout=10_000)
+    share = page.evaluate("""() => { const img = document.querySelector('#audio-heatmap img'), box = img.getBoundingClientRect();
+        const line = document.querySelector('#playhead').getBoundingClientRect(), scale = box.width / img.naturalWidth;
+        return (line.left - box.left) / ((img.naturalWidth - %d) * scale); }""" % SCALE_WIDTH)
+    assert abs(share - 0.5) < 0.05
     page.locator("#compare-precision").click()
     page.locator("#precision-comparison").get_by_text("top-10% overlap").wait_for(timeout=60_000)
 

@@ -13,7 +13,7 @@ from fusion.explain import word_spans
 TEXT = "the number is seven"
 
 
-@pytest.fixture(scope="module", params=["fp32", "bf16", "int8"])
+@pytest.fixture(scope="module", params=["fp32", "fp16", "bf16", "int8"])
 def explained(request, tiny_checkpoint, sketch_array):
     """An explained three-modality prediction and, per fusion layer, the hidden states that entered it."""
     pipe = FusionPipeline.from_pretrained(tiny_checkpoint, precision=request.param, device="cpu")
