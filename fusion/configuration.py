@@ -31,6 +31,8 @@ class FusionConfig(PretrainedConfig):
         attention_dropout (`float`): dropout on attention weights, in [0, 1).
         layer_norm_eps (`float`): epsilon of the fusion layer norms.
         initializer_range (`float`): standard deviation of the fusion layers' initial weights.
+        embedding_size (`int` or `None`): width of the shared embedding space (each modality alone, projected
+            and normalised, so that inputs of any modalities compare by cosine); None: no embedding head.
         id2label (`dict[int, str]`): the classes; at least two.
 
     Example:
@@ -96,6 +98,7 @@ class FusionConfig(PretrainedConfig):
     attention_dropout: float = 0.0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    embedding_size: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -107,6 +110,9 @@ class FusionConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"FusionConfig.{name} must be a positive integer, got {value!r}")
+        if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or isinstance(self.embedding_size, bool)
+                                                or self.embedding_size < 1):
+            raise ValueError(f"FusionConfig.embedding_size must be a positive integer or None, got {self.embedding_size!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"FusionConfig.hidden_size ({self.hidden_size}) must be divisible by "

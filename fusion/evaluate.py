@@ -164,6 +164,33 @@ def evaluate_voices(pipeline: FusionPipeline, folder: str | Path) -> dict:
     return results
 
 
+def retrieval(pipeline: FusionPipeline, folder: str | Path) -> dict:
+    """R@1 and R@5 of the shared embedding space for every ordered pair of modalities found under `folder` (each
+    item of one modality queries all items of another; a hit is an item of the same label), with counts under
+    `n`."""
+    from .embedding_head import pairwise_recall
+    from .retrieval import embed_items
+
+    items: dict[str, tuple[list, list[int]]] = {}
+    mnist = load_mnist(folder)
+    if mnist is not None:
+        items["image"] = (list(mnist[0]), [int(d) for d in mnist[1]])
+    clips = list_fsdd(folder)
+    if clips:
+        items["audio"] = ([str(c.path) for c in clips], [c.label for c in clips])
+    found = load_phrases(folder) or []
+    if found:
+        items["text"] = ([text for text, _ in found], [digit for _, digit in found])
+    vectors, labels = {}, {}
+    for modality, (inputs, digits) in items.items():
+        embedded = embed_items(pipeline, [{modality: x} for x in inputs])
+        vectors[modality] = np.stack([e[modality] for e in embedded])
+        labels[modality] = np.array(digits)
+    results: dict = pairwise_recall(vectors, labels)
+    results["n"] = {m: len(v) for m, v in vectors.items()}
+    return results
+
+
 def faithfulness(pipeline: FusionPipeline, folder: str | Path, *, count: int = 100) -> dict:
     """The deletion, attribution and cost checks below on up to `count` items per modality."""
     mnist = load_mnist(folder)
@@ -202,18 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faithfulness", action="store_true",
                         help="run the explanation checks (deletion, attribution, cost) instead of accuracy")
     parser.add_argument("--count", type=int, default=100, help="items per modality for --faithfulness")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="R@1 and R@5 of the shared embedding space for every ordered pair of modalities instead of accuracy")
     args = parser.parse_args(argv)
     if not args.data and not args.voices:
         parser.error("give --data, --voices or both")
     for name in ("data", "voices"):
         if getattr(args, name) and not Path(getattr(args, name)).is_dir():
             parser.error(f"--{name} {getattr(args, name)!r} is not a folder")
-    if args.faithfulness and not args.data:
-        parser.error("--faithfulness needs --data")
+    if (args.faithfulness or args.retrieval) and not args.data:
+        parser.error("--faithfulness and --retrieval need --data")
     torch.manual_seed(0)
     pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
-    if args.faithfulness:
-        results = faithfulness(pipeline, args.data, count=args.count)
+    if args.faithfulness or args.retrieval:
+        results = faithfulness(pipeline, args.data, count=args.count) if args.faithfulness else retrieval(pipeline, args.data)
         print(json.dumps(results) if args.json else json.dumps(results, indent=1))
         return 0
     results = evaluate(pipeline, args.data, garbage=not args.no_garbage) if args.data else {"n": {}}

@@ -227,7 +227,7 @@ class FusionPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["FusionLayer", "ModalityEncoder"]
     # Kept out of 8-bit replacement: the head is small and decides the answer.
-    _keep_in_fp32_modules = ["classifier"]
+    _keep_in_fp32_modules = ["classifier", "embedding_head"]
     _supports_sdpa = True
 
     @classmethod
@@ -451,6 +451,8 @@ class FusionForClassification(FusionPreTrainedModel):
         super().__init__(config)
         self.fusion: FusionModel = FusionModel(config)
         self.classifier = nn.Linear(config.hidden_size, len(config.class_names))
+        # The shared embedding space: each modality's answer alone (its summary state) projected and normalised.
+        self.embedding_head = nn.Linear(config.hidden_size, config.embedding_size) if config.embedding_size else None
         self.post_init()
 
     def forward(
@@ -485,3 +487,26 @@ class FusionForClassification(FusionPreTrainedModel):
         """Logits (B, K) of already encoded tokens (B, N, F) with their mask: [`FusionModel.fuse`] and the head."""
         hidden, _ = self.fusion.fuse(encoded, token_mask)
         return self.head(hidden[:, 0])
+
+    def alone_summaries(self, out: FusionOutput) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per modality of a forward pass's output: (summary states (R, F), row indices (R,)) of the rows that carry
+        it, each from the fusion layers over the summary token and that modality's tokens only: what the model
+        computes when given that modality alone."""
+        assert out.encoded is not None and out.token_mask is not None and out.modality_spans is not None
+        result = {}
+        for modality, (start, end) in out.modality_spans.items():
+            assert out.modality_mask is not None
+            rows = out.modality_mask[modality].nonzero(as_tuple=True)[0]
+            if len(rows) == 0:
+                continue
+            keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, end)]).to(out.encoded.device)
+            hidden, _ = self.fusion.fuse(out.encoded[rows][:, keep], out.token_mask[rows][:, keep])
+            result[modality] = (hidden[:, 0], rows)
+        return result
+
+    def embed(self, summary: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (R, embedding_size) of the shared space from summary states (R, F)."""
+        if self.embedding_head is None:
+            raise ValueError("this checkpoint has no embedding head (config.embedding_size is None); train one with "
+                             "python -m fusion.embedding_head")
+        return F.normalize(self.embedding_head(summary.to(self.embedding_head.weight.dtype)).float(), dim=-1)

@@ -17,6 +17,7 @@ from .explain import Explanation, counterfactuals, explain_item
 from .modalities import HALF_PRECISIONS, MODALITIES, PRECISIONS, REGISTRY
 from .modeling import FusionForClassification, FusionOutput
 from .processing import FusionInputError, FusionProcessor
+from .retrieval import Gallery, Match, as_item, build_gallery, embed_items
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
 
@@ -153,6 +154,7 @@ class FusionPipeline:
         self.source: Path | None = None  # the checkpoint folder, when loaded from one
         self._full_precision: FusionForClassification | None = None
         self._full_precision_lock = threading.Lock()
+        self.gallery: Gallery | None = None  # the last `index`
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, precision: str = "auto", device: str | torch.device | None = None) -> FusionPipeline:
@@ -160,6 +162,41 @@ class FusionPipeline:
         pipeline = cls(model, FusionProcessor.from_pretrained(path), precision=precision, name=Path(path).name)
         pipeline.source = Path(path)
         return pipeline
+
+    def embed(self, items: list[dict] | None = None, *, image: Any = None, text: str | None = None,
+              audio: Any = None) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+        """Unit vectors of the shared embedding space, {modality: (d,)}, for each given modality of one item
+        (keywords) or of each item of a list; inputs of any modalities that mean the same lie close by cosine."""
+        single = items is None
+        if single:
+            items = [{k: v for k, v in (("image", image), ("text", text), ("audio", audio)) if v is not None}]
+        elif not isinstance(items, list) or not items:
+            raise FusionInputError("items must be a non-empty list of dicts with image/text/audio keys")
+        vectors = embed_items(self, [_drop_empty(item) for item in items])
+        return vectors[0] if single else vectors
+
+    def similarity(self, a: Any, b: Any) -> float:
+        """Cosine similarity in the shared space of two inputs of any modalities: each a dict of one modality
+        (`{"audio": "seven.wav"}`), or a path, `(rate, samples)`, image or text whose modality is plain."""
+        first, second = as_item(a), as_item(b)
+        (u,), (v,) = (vectors.values() for vectors in embed_items(self, [first, second]))
+        return float(np.dot(u, v))
+
+    def index(self, items: list[Any], labels: list[str | None] | None = None) -> Gallery:
+        """A gallery of `items` to `search` (kept as this pipeline's gallery, and returned)."""
+        if not isinstance(items, list) or not items:
+            raise FusionInputError("index needs a non-empty list of items")
+        self.gallery = build_gallery(self, items, labels)
+        return self.gallery
+
+    def search(self, query: Any, k: int = 5, *, modality: str, gallery: Gallery | None = None) -> list[Match]:
+        """The `k` items of `modality` in `gallery` (default: the last `index`) nearest to `query` (any input of one
+        modality), best first."""
+        gallery = gallery if gallery is not None else self.gallery
+        if gallery is None:
+            raise FusionInputError("no gallery to search: call pipe.index(items) first")
+        (vector,) = embed_items(self, [as_item(query)])[0].values()
+        return gallery.search(vector, k, modality)
 
     def compare_precision(self, prediction: Prediction) -> dict[str, Any]:
         """The explained `prediction` redone with the fp32 weights of the same checkpoint on the CPU (loaded on the
