@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import torch
 from gradio.utils import get_upload_folder
 from PIL import Image
 
 from fusion import METHODS, PRECISIONS, FusionInputError, FusionPipeline
+from fusion.data.sources import list_fsdd, load_mnist
+from fusion.evaluate import load_phrases
 from fusion.image_processing import open_image
 from fusion.render import (
     AXIS_HEIGHT,
@@ -40,6 +43,7 @@ from fusion.render import (
     present,
     spectrogram_x_to_time,
 )
+from fusion.retrieval import Gallery
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "assets" / "fusion-digits"
@@ -72,6 +76,10 @@ I18N = gr.I18n(
         "fusion_direction": "Clicked token", "fusion_clear": "Back to relevance",
         "fusion_token_matrix": "Token × token attention across modalities", "fusion_check": "Check the maps",
         "fusion_compare": "Compare with full precision (fp32)",
+        "fusion_similarity": "How alike the inputs are (cosine in the shared space)",
+        "fusion_find": "Find matching items in the sample", "fusion_search_with": "Search with",
+        "fusion_search_for": "Find", "fusion_find_button": "Find matches", "fusion_matches": "Nearest items (click one to explain it)",
+        "fusion_match_images": "Matching images", "fusion_match_clip": "Best matching clip",
     },
     zh={
         "fusion_intro": "输入手写数字、短语和语音数字中的任意组合。模型回答你指的是哪个数字，并说明原因：图像、频谱图和文字上的相关性，"
@@ -88,6 +96,10 @@ I18N = gr.I18n(
         "fusion_direction": "点击的词元", "fusion_clear": "回到相关性",
         "fusion_token_matrix": "跨模态的词元 × 词元注意力", "fusion_check": "检验热图",
         "fusion_compare": "与全精度（fp32）比较",
+        "fusion_similarity": "输入之间的相似度（共享空间中的余弦）",
+        "fusion_find": "在样本中查找匹配项", "fusion_search_with": "用来搜索", "fusion_search_for": "查找",
+        "fusion_find_button": "查找匹配", "fusion_matches": "最近的项（点击以解释）",
+        "fusion_match_images": "匹配的图像", "fusion_match_clip": "最匹配的音频",
     },
 )
 
@@ -452,10 +464,95 @@ def compare_precision(pipeline: FusionPipeline, state: dict | None) -> str:
     return "\n".join(lines)
 
 
+class SampleGallery:
+    """The gallery "find matching" searches: the shipped sample of held-out images (shown 4× enlarged), clips of the
+    held-out speaker and unseen phrasings, embedded once on first use (a few seconds) and kept."""
+
+    def __init__(self, folder: Path = EXAMPLES / "sample"):
+        self.folder = folder
+        self._gallery: Gallery | None = None
+        self._lock = threading.Lock()
+
+    def get(self, pipeline: FusionPipeline) -> Gallery:
+        with self._lock:
+            if self._gallery is None:
+                items: list[dict[str, Any]] = []
+                labels: list[str | None] = []
+                mnist = load_mnist(self.folder)
+                if mnist is not None:
+                    for image, digit in zip(*mnist):
+                        items.append({"image": np.kron(image, np.ones((4, 4), dtype=np.uint8))})
+                        labels.append(str(int(digit)))
+                for clip in list_fsdd(self.folder):
+                    items.append({"audio": str(clip.path)})
+                    labels.append(str(clip.label))
+                for text, digit in load_phrases(self.folder) or []:
+                    items.append({"text": text})
+                    labels.append(str(digit))
+                if not items:
+                    raise gr.Error(f"No gallery to search: {self.folder} has no sample.")
+                self._gallery = pipeline.index(items, labels)
+            return self._gallery
+
+
+SAMPLE_GALLERY = SampleGallery()
+MATCHES = 5
+
+
+def find_matching(pipeline: FusionPipeline, image, text, audio, source: str, target: str):
+    """The `MATCHES` items of `target` in the sample gallery nearest to the given input of `source`: a table, the
+    images (for an image search) and the best clip (for an audio search), and the matches for `open_match`."""
+    given = {"image": sketch_image(image) if _has_drawing(image) else None,
+             "text": text if isinstance(text, str) and text.strip() else None, "audio": audio}
+    if given.get(source) is None:
+        raise gr.Error(f"Give {'a' if source == 'text' else 'an'} {source} to search with (or choose another 'search with').")
+    if pipeline.model.embedding_head is None:
+        raise gr.Error("This checkpoint has no embedding head; train one with python -m fusion.embedding_head.")
+    clock = StageClock()
+    gallery = SAMPLE_GALLERY.get(pipeline)
+    try:
+        matches = pipeline.search({source: given[source]}, MATCHES, modality=target, gallery=gallery)
+    except FusionInputError as error:
+        raise gr.Error(str(error)) from None
+    clock.mark("search")
+    clock.record("find")
+    rows = [[rank + 1, m.label, round(m.score, 3), m.item if target == "text" else Path(m.item).name if target == "audio"
+             else f"image {m.index + 1} of the sample"] for rank, m in enumerate(matches)]
+    pictures = [(m.item, f"{m.label} · {m.score:.2f}") for m in matches] if target == "image" else None
+    clip = matches[0].item if target == "audio" else None
+    return rows, pictures, clip, [(m.modality, m.item) for m in matches]
+
+
+def open_match(pipeline: FusionPipeline, matches, method, alpha, layer, head, evt: gr.SelectData):
+    """A click on a match (a row of the table or a picture): that item alone, explained in the views above."""
+    if not matches:
+        raise gr.Error("Search first.")
+    index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    if not 0 <= int(index) < len(matches):
+        raise gr.Error("Click on a match.")
+    modality, item = matches[int(index)]
+    inputs = {"image": None, "text": None, "audio": None, modality: item}
+    return predict(pipeline, inputs["image"], inputs["text"], inputs["audio"], method, alpha, layer, head)
+
+
+def similarity_rows(state: dict | None) -> list[list]:
+    """The given inputs' cosine similarities in the shared space, one row per modality."""
+    if not state or not state["prediction"].explanation.embeddings:
+        return []
+    similar = state["prediction"].explanation.similarities
+    names = list(state["prediction"].explanation.embeddings)
+    return [[a, *(round(similar[(a, b)], 3) if b in names else None for b in ("image", "text", "audio"))] for a in names]
+
+
+def after_answer(pipeline: FusionPipeline, state: dict | None) -> tuple:
+    """What follows each answer in its own event, so the public `predict` endpoint keeps its outputs: the maps'
+    check, the previous token view and precision comparison cleared, and the inputs' similarities."""
+    return check_maps(pipeline, state), None, FOCUS_HINT, "", similarity_rows(state)
+
+
 def check_maps(pipeline: FusionPipeline, state: dict | None):
     """The trust figure of each map, after the answer is shown (it costs one batched pass): the explained class's
-    probability drop when the map's top 10% is removed against a random 10%. The chained event that calls it also
-    clears the previous answer's token view, so the public `predict` endpoint keeps its outputs."""
+    probability drop when the map's top 10% is removed against a random 10%."""
     if not state:
         return []
     clock = StageClock()
@@ -520,20 +617,32 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
                 token_matrix = gr.Image(label=I18N("fusion_token_matrix"), type="filepath", elem_id="token-matrix")
                 trust = gr.Dataframe(headers=["map", "drop, top 10% removed", "drop, random 10%", "faithful here"],
                                      label=I18N("fusion_check"), elem_id="trust")
+                similar = gr.Dataframe(headers=["input", "image", "text", "audio"], label=I18N("fusion_similarity"),
+                                       elem_id="similarity")
                 compare = gr.Button(I18N("fusion_compare"), elem_id="compare-precision")
                 compared = gr.Markdown(elem_id="precision-comparison")
                 prepare = gr.Button(I18N("fusion_export"), elem_id="export")
                 download = gr.File(label=I18N("fusion_download"), elem_id="download")
+        with gr.Accordion(I18N("fusion_find"), open=False, elem_id="find-matching"):
+            with gr.Row():
+                source = gr.Radio(["image", "text", "audio"], value="image", label=I18N("fusion_search_with"), elem_id="search-with")
+                target = gr.Radio(["image", "text", "audio"], value="audio", label=I18N("fusion_search_for"), elem_id="search-for")
+                find = gr.Button(I18N("fusion_find_button"), elem_id="find")
+            found = gr.Dataframe(headers=["rank", "label", "cosine", "item"], label=I18N("fusion_matches"), elem_id="matches")
+            with gr.Row():
+                found_images = gr.Gallery(label=I18N("fusion_match_images"), columns=MATCHES, height=160, elem_id="match-images")
+                found_clip = gr.Audio(label=I18N("fusion_match_clip"), type="filepath", elem_id="match-clip")
+            matches = gr.State()
         rows = example_rows()
         if rows:
             examples = gr.Examples(rows, [image, text, audio], label=I18N("fusion_examples"))
             examples.dataset.headers = ["image / 图像", "text / 文本", "audio / 音频"]  # headers are not translated
 
         outputs = [label, image_out, audio_out, words, shares, subsets, summary, attention, download, state]
+        after = [trust, token_matrix, focus_line, compared, similar]  # see after_answer
         submit.click(lambda *a: predict(pipeline, *a), [image, text, audio, method, alpha, layer, head], outputs,
                      api_name="predict", show_progress="full").then(
-            lambda s: (check_maps(pipeline, s), None, FOCUS_HINT, ""), [state], [trust, token_matrix, focus_line, compared],
-            api_visibility="private", show_progress="hidden")
+            lambda s: after_answer(pipeline, s), [state], after, api_visibility="private", show_progress="hidden")
         prepare.click(export, [state, alpha, layer, head], download, api_name="export", show_progress="minimal")
         views = [image_out, audio_out, attention, words, token_matrix, focus_line]
         for control in (alpha, layer, head, direction):
@@ -544,6 +653,16 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
             component.select(handler, chosen, [*views, state], api_visibility="private", show_progress="hidden")
         compare.click(lambda s: compare_precision(pipeline, s), [state], compared, api_visibility="private",
                       show_progress="minimal")
+        find.click(lambda *a: find_matching(pipeline, *a), [image, text, audio, source, target],
+                   [found, found_images, found_clip, matches], api_name="find", show_progress="minimal")
+
+        def open_chosen(chosen, method_, alpha_, layer_, head_, evt: gr.SelectData):
+            return open_match(pipeline, chosen, method_, alpha_, layer_, head_, evt)
+
+        for match_view in (found, found_images):
+            match_view.select(open_chosen, [matches, method, alpha, layer, head], outputs, api_visibility="private",
+                              show_progress="full").then(
+                lambda s: after_answer(pipeline, s), [state], after, api_visibility="private", show_progress="hidden")
         clear.click(unfocus, chosen, [*views, state], api_visibility="private", show_progress="hidden")
     return demo
 

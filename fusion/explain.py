@@ -74,6 +74,9 @@ class Explanation:
         trust (`dict[str, dict]`): filled by `FusionPipeline.trust`: per map, how much the explained class's
             probability falls when its top cells are removed versus random ones.
         layout (`TokenLayout`): where the tokens sit, for `fusion.cross_attention`.
+        embeddings (`dict[str, np.ndarray]`): each given modality's unit vector in the checkpoint's shared space
+            (when it has an embedding head), from the same single-modality passes as the counterfactuals;
+            `similarities` gives their cosines.
     """
 
     method: str
@@ -101,6 +104,13 @@ class Explanation:
     trust: dict[str, dict] = field(default_factory=dict)
     layout: TokenLayout | None = field(default=None, repr=False)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the model tensors explained
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def similarities(self) -> dict[tuple[str, str], float]:
+        """Cosine similarity of every pair of the given modalities in the shared space ({} without embeddings)."""
+        names = list(self.embeddings)
+        return {(a, b): float(self.embeddings[a] @ self.embeddings[b]) for a in names for b in names}
 
 
 # ------------------------------------------------------------------------------------- relevance rules
@@ -425,7 +435,8 @@ def _precision(model: torch.nn.Module) -> str:
 
 
 def counterfactuals(
-    model: FusionForClassification, output: FusionOutput, present: list[str], target_index: int
+    model: FusionForClassification, output: FusionOutput, present: list[str], target_index: int,
+    embeddings: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict, dict]:
     """Every non-empty subset of the item's modalities, scored from the fused tokens of the explanation's own
     forward pass (`output`): labels, Shapley values and agreement.
@@ -449,8 +460,13 @@ def counterfactuals(
                 if modality not in subset:
                     keep[start:end] = False
             tokens = encoded[keep][None]
-            logits = model.classify(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
-            rows.append(logits[0])
+            hidden, _ = model.fusion.fuse(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+            rows.append(model.head(hidden[:, 0])[0])
+            if len(subset) == 1 and embeddings is not None and model.embedding_head is not None:
+                embeddings[subset[0]] = model.embed(hidden[:, 0])[0].cpu().numpy()
+    if len(present) == 1 and embeddings is not None and model.embedding_head is not None and output.summary is not None:
+        with torch.inference_mode():  # the explanation's own pass is that modality alone
+            embeddings[present[0]] = model.embed(output.summary[:1].detach())[0].cpu().numpy()
     probs = torch.stack(rows).float().softmax(dim=-1).cpu()
     results, values = {}, {}
     for subset, row in zip(chosen, probs):

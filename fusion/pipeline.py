@@ -306,7 +306,7 @@ class FusionPipeline:
             explanation.notes.append(f"the text was truncated to {self.processor.settings.text.max_tokens} tokens")
         index = self.labels.index(explanation.target)
         explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(
-            self.model, output, info["modalities"], index)
+            self.model, output, info["modalities"], index, explanation.embeddings)
         explanation.seconds = time.perf_counter() - started
         return probs, explanation
 

@@ -400,3 +400,23 @@ def test_a_transparent_sketch_is_composited_onto_white_before_the_library_sees_i
     with pytest.raises(FusionInputError, match="the sketch is empty"):
         app.sketch_image({"background": None, "layers": [], "composite": None})
     assert app.sketch_image("drawn.png") == "drawn.png"  # a path from the API goes on as it came
+
+
+def test_find_matching_searches_the_sample_and_opens_a_match(tmp_path):
+    """The shipped checkpoint and sample: a drawn 7 finds spoken 7s, a clip finds images, a match opens explained."""
+    pipe = FusionPipeline.from_pretrained(ROOT / "assets" / "fusion-digits", precision="fp32", device="cpu")
+    examples = ROOT / "assets" / "examples"
+    rows, pictures, clip, matches = app.find_matching(pipe, str(examples / "digit-7.png"), "", None, "image", "audio")
+    assert len(rows) == app.MATCHES and rows[0][1] == "7" and pictures is None and clip.endswith(".wav")
+    assert [row[2] for row in rows] == sorted((row[2] for row in rows), reverse=True)
+    rows, pictures, clip, matches = app.find_matching(pipe, None, "", str(examples / "spoken-2.wav"), "audio", "image")
+    assert rows[0][1] == "2" and len(pictures) == app.MATCHES and clip is None
+    out = app.open_match(pipe, matches, "relevance", 0.5, "average", "average", Click([1, 0]))
+    state = out[9]
+    assert state["prediction"].modalities == ["image"]
+    assert app.similarity_rows(state) == [["image", 1.0, None, None]]
+    with pytest.raises(gr.Error, match="Give a text to search with"):
+        app.find_matching(pipe, None, " ", None, "text", "image")
+    full = app.predict(pipe, str(examples / "digit-7.png"), "sieben", str(examples / "spoken-7.wav"))[9]
+    rows = app.similarity_rows(full)
+    assert [row[0] for row in rows] == ["image", "text", "audio"] and all(0.5 < v <= 1.0 for row in rows for v in row[1:])

@@ -101,6 +101,15 @@ def test_upload_type_and_see_the_answer_and_heatmaps(url, browser):
     assert abs(share - 0.5) < 0.05
     page.locator("#compare-precision").click()
     page.locator("#precision-comparison").get_by_text("top-10% overlap").wait_for(timeout=60_000)
+    page.locator("#similarity").get_by_text("audio").first.wait_for(timeout=30_000)
+
+    # Find matching: the drawn 7 finds clips of the sample; a click on one explains it alone.
+    page.locator("#find-matching").get_by_text("Find matching items in the sample").click()
+    page.locator("#find").click()
+    page.locator("#matches").get_by_text(re.compile(r"7_jackson_\d+\.wav")).filter(visible=True).first.wait_for(timeout=60_000)
+    page.locator("#matches").get_by_text(re.compile(r"7_jackson_\d+\.wav")).filter(visible=True).first.click()
+    page.locator("#notice").get_by_text("from audio, explained by relevance").wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "app-find-matching.png"), full_page=True)
 
 
 def test_corrupt_upload_shows_the_error_and_the_app_keeps_serving(url, browser, tmp_path):
