@@ -31,8 +31,11 @@ from PIL import Image
 
 from fusion import METHODS, PRECISIONS, FusionInputError, FusionPipeline
 from fusion.data.sources import list_fsdd, load_mnist
+from fusion.dataset_view import COLUMNS as DATASET_COLUMNS
+from fusion.dataset_view import PAGE_SIZE, DatasetView
 from fusion.evaluate import load_phrases
 from fusion.image_processing import open_image
+from fusion.modalities import SUBSET_KEYS
 from fusion.render import (
     AXIS_HEIGHT,
     SCALE_WIDTH,
@@ -40,6 +43,7 @@ from fusion.render import (
     draw_cross,
     draw_pictures,
     export_zip,
+    png_bytes,
     present,
     spectrogram_x_to_time,
 )
@@ -80,6 +84,10 @@ I18N = gr.I18n(
         "fusion_find": "Find matching items in the sample", "fusion_search_with": "Search with",
         "fusion_search_for": "Find", "fusion_find_button": "Find matches", "fusion_matches": "Nearest items (click one to explain it)",
         "fusion_match_images": "Matching images", "fusion_match_clip": "Best matching clip",
+        "fusion_dataset": "Inspect a dataset", "fusion_dataset_open": "Open",
+        "fusion_dataset_file": "Predictions from python -m fusion.predict (.jsonl) or a manifest (.csv/.jsonl); none: the shipped sample",
+        "fusion_only_errors": "Only errors", "fusion_only_disagreements": "Only disagreements", "fusion_label_filter": "Label",
+        "fusion_subset_filter": "Modalities", "fusion_page": "Page", "fusion_dataset_map": "Embeddings (PCA), by label; wrong ringed",
     },
     zh={
         "fusion_intro": "输入手写数字、短语和语音数字中的任意组合。模型回答你指的是哪个数字，并说明原因：图像、频谱图和文字上的相关性，"
@@ -100,6 +108,10 @@ I18N = gr.I18n(
         "fusion_find": "在样本中查找匹配项", "fusion_search_with": "用来搜索", "fusion_search_for": "查找",
         "fusion_find_button": "查找匹配", "fusion_matches": "最近的项（点击以解释）",
         "fusion_match_images": "匹配的图像", "fusion_match_clip": "最匹配的音频",
+        "fusion_dataset": "检查数据集", "fusion_dataset_open": "打开",
+        "fusion_dataset_file": "python -m fusion.predict 的预测（.jsonl）或清单（.csv/.jsonl）；留空：随附样本",
+        "fusion_only_errors": "只看错误", "fusion_only_disagreements": "只看不一致", "fusion_label_filter": "标签",
+        "fusion_subset_filter": "模态", "fusion_page": "页", "fusion_dataset_map": "嵌入（PCA），按标签着色；错误加圈",
     },
 )
 
@@ -544,6 +556,92 @@ def similarity_rows(state: dict | None) -> list[list]:
     return [[a, *(round(similar[(a, b)], 3) if b in names else None for b in ("image", "text", "audio"))] for a in names]
 
 
+class SampleDataset:
+    """The dataset view's default: the shipped sample predicted once (a few seconds) and kept for every session."""
+
+    def __init__(self, folder: Path = EXAMPLES / "sample"):
+        self.folder = folder
+        self._view: DatasetView | None = None
+        self._lock = threading.Lock()
+
+    def get(self, pipeline: FusionPipeline) -> DatasetView:
+        with self._lock:
+            if self._view is None:
+                self._view = DatasetView.predict(pipeline, self.folder)
+            return self._view
+
+
+SAMPLE_DATASET = SampleDataset()
+ANY = "any"
+
+
+def open_dataset(pipeline: FusionPipeline, file: str | None):
+    """Open predictions written by `fusion.predict` (JSONL with a `prediction` per row), a manifest to predict now
+    (CSV or JSONL), or, with no file, the shipped sample; then show its first page, count and map."""
+    clock = StageClock()
+    try:
+        if not file:
+            view = SAMPLE_DATASET.get(pipeline)
+        elif file.endswith(".jsonl") and _is_predictions(file):
+            view = DatasetView.load(file)
+        elif file.endswith((".csv", ".jsonl")):
+            view = DatasetView.predict(pipeline, file)
+        else:
+            raise gr.Error("Open a .jsonl of predictions (python -m fusion.predict) or a .csv/.jsonl manifest.")
+    except (ValueError, FusionInputError) as error:
+        raise gr.Error(str(error)) from None
+    clock.mark("open")
+    clock.record("dataset")
+    labels = sorted({str(v) for v in np.where(view.correct >= 0, view.labels, view.predictions)})
+    state = {"view": view, "indices": np.arange(len(view)), "page": 0}
+    return (*show_dataset(state), state, gr.update(choices=[ANY, *labels], value=ANY), 1)
+
+
+def _is_predictions(path: str) -> bool:
+    with open(path, encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        return "prediction" in json.loads(first)
+    except (json.JSONDecodeError, TypeError):
+        return False
+
+
+def show_dataset(state: dict) -> tuple:
+    """The current page of the filtered rows, a line counting them, and the map of the filtered rows."""
+    view, indices, page = state["view"], state["indices"], state["page"]
+    wrong = int((view.correct[indices] == 0).sum())
+    count = (f"{len(indices):,} of {len(view):,} items · {wrong:,} wrong · page {page + 1} of {view.pages(indices)} "
+             "· click a row to explain it")
+    picture = save({"dataset_map.png": png_bytes(view.map_image(indices))}, FOLDERS.new())[0]
+    return view.page(indices, page), count, picture
+
+
+def filter_dataset(state: dict | None, errors: bool, disagreements: bool, label: str, subset: str, page: float | None):
+    """Apply the filters and go to `page` (1-based; clamped)."""
+    if not state:
+        raise gr.Error("Open a dataset first.")
+    view = state["view"]
+    state["indices"] = view.filter(errors=errors, disagreements=disagreements, label=None if label == ANY else label,
+                                   subset=None if subset == ANY else subset)
+    state["page"] = min(max(int(page or 1), 1), view.pages(state["indices"])) - 1
+    return (*show_dataset(state), state)
+
+
+def explain_row(pipeline: FusionPipeline, state: dict | None, method, alpha, layer, head, evt: gr.SelectData):
+    """A click on a row of the dataset table: that item, explained in the views above."""
+    if not state:
+        raise gr.Error("Open a dataset first.")
+    row = int(evt.index[0])
+    position = state["page"] * PAGE_SIZE + row
+    if not 0 <= position < len(state["indices"]):
+        raise gr.Error("Click on a row.")
+    try:
+        item = state["view"].item(int(state["indices"][position]))
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    return predict(pipeline, item.get("image"), item.get("text"), item.get("audio"), method, alpha, layer, head)
+
+
 def after_answer(pipeline: FusionPipeline, state: dict | None) -> tuple:
     """What follows each answer in its own event, so the public `predict` endpoint keeps its outputs: the maps'
     check, the previous token view and precision comparison cleared, and the inputs' similarities."""
@@ -633,6 +731,21 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
                 found_images = gr.Gallery(label=I18N("fusion_match_images"), columns=MATCHES, height=160, elem_id="match-images")
                 found_clip = gr.Audio(label=I18N("fusion_match_clip"), type="filepath", elem_id="match-clip")
             matches = gr.State()
+        with gr.Accordion(I18N("fusion_dataset"), open=False, elem_id="dataset"):
+            with gr.Row():
+                dataset_file = gr.File(label=I18N("fusion_dataset_file"), file_types=[".jsonl", ".csv"], elem_id="dataset-file")
+                open_button = gr.Button(I18N("fusion_dataset_open"), elem_id="open-dataset")
+            with gr.Row():
+                only_errors = gr.Checkbox(label=I18N("fusion_only_errors"), elem_id="only-errors")
+                only_disagreements = gr.Checkbox(label=I18N("fusion_only_disagreements"), elem_id="only-disagreements")
+                label_filter = gr.Dropdown([ANY], value=ANY, label=I18N("fusion_label_filter"), elem_id="label-filter")
+                subset_filter = gr.Dropdown([ANY, *SUBSET_KEYS], value=ANY, label=I18N("fusion_subset_filter"), elem_id="subset-filter")
+                page_number = gr.Number(1, precision=0, minimum=1, label=I18N("fusion_page"), elem_id="page")
+            dataset_count = gr.Markdown(elem_id="dataset-count")
+            with gr.Row():
+                dataset_table = gr.Dataframe(headers=DATASET_COLUMNS, elem_id="dataset-table", scale=3)
+                dataset_map = gr.Image(label=I18N("fusion_dataset_map"), type="filepath", elem_id="dataset-map", scale=2)
+            dataset_state = gr.State()
         rows = example_rows()
         if rows:
             examples = gr.Examples(rows, [image, text, audio], label=I18N("fusion_examples"))
@@ -663,6 +776,19 @@ def build_demo(pipeline: FusionPipeline) -> gr.Blocks:
             match_view.select(open_chosen, [matches, method, alpha, layer, head], outputs, api_visibility="private",
                               show_progress="full").then(
                 lambda s: after_answer(pipeline, s), [state], after, api_visibility="private", show_progress="hidden")
+        shown = [dataset_table, dataset_count, dataset_map]
+        open_button.click(lambda f: open_dataset(pipeline, f), [dataset_file], [*shown, dataset_state, label_filter, page_number],
+                          api_visibility="private", show_progress="full")
+        for dataset_control in (only_errors, only_disagreements, label_filter, subset_filter, page_number):
+            dataset_control.change(filter_dataset, [dataset_state, only_errors, only_disagreements, label_filter, subset_filter,
+                                            page_number], [*shown, dataset_state], api_visibility="private", show_progress="hidden")
+
+        def explain_chosen_row(chosen, method_, alpha_, layer_, head_, evt: gr.SelectData):
+            return explain_row(pipeline, chosen, method_, alpha_, layer_, head_, evt)
+
+        dataset_table.select(explain_chosen_row, [dataset_state, method, alpha, layer, head], outputs, api_visibility="private",
+                             show_progress="full").then(
+            lambda s: after_answer(pipeline, s), [state], after, api_visibility="private", show_progress="hidden")
         clear.click(unfocus, chosen, [*views, state], api_visibility="private", show_progress="hidden")
     return demo
 

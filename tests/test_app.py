@@ -420,3 +420,24 @@ def test_find_matching_searches_the_sample_and_opens_a_match(tmp_path):
     full = app.predict(pipe, str(examples / "digit-7.png"), "sieben", str(examples / "spoken-7.wav"))[9]
     rows = app.similarity_rows(full)
     assert [row[0] for row in rows] == ["image", "text", "audio"] and all(0.5 < v <= 1.0 for row in rows for v in row[1:])
+
+
+def test_the_dataset_view_opens_the_sample_filters_and_explains_a_row(tmp_path):
+    pipe = FusionPipeline.from_pretrained(ROOT / "assets" / "fusion-digits", precision="fp32", device="cpu")
+    table, count, picture, state, labels, page = app.open_dataset(pipe, None)
+    assert "of 500 items" in count and len(table) == 50 and Image.open(picture).size[0] > 400 and page == 1
+    table, count, picture, state = app.filter_dataset(state, True, False, "any", "any", 1)
+    wrong = [row for row in table]
+    assert wrong and all(row[4] is False for row in wrong) and count.startswith(f"{len(state['indices'])} of 500")
+    out = app.explain_row(pipe, state, "relevance", 0.5, "average", "average", Click([0, 2]))
+    assert out[9]["prediction"].label == wrong[0][2]  # the row's own prediction, now explained
+    table, count, *_ = app.filter_dataset(state, False, False, "7", "audio", 99)  # the page is clamped
+    assert all(row[1] == "7" and row[5] == "audio" for row in table)
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"prediction": "1", "confidence": 0.9, "modalities": ["text"], "label": "1",
+                                       "correct": True, "input": {"text": "one"}}) + "\n")
+    table, count, *_ = app.open_dataset(pipe, str(predictions))
+    assert "1 of 1 items · 0 wrong" in count and table[0][-1] == "“one”"
+    (tmp_path / "x.txt").write_text("no")
+    with pytest.raises(gr.Error, match="Open a .jsonl of predictions"):
+        app.open_dataset(pipe, str(tmp_path / "x.txt"))

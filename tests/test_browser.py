@@ -111,6 +111,16 @@ def test_upload_type_and_see_the_answer_and_heatmaps(url, browser):
     page.locator("#notice").get_by_text("from audio, explained by relevance").wait_for(timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "app-find-matching.png"), full_page=True)
 
+    # The dataset view: the shipped sample, only its errors, a row explained.
+    page.locator("#dataset").get_by_text("Inspect a dataset").click()
+    page.locator("#open-dataset").click()
+    page.locator("#dataset-count").get_by_text(re.compile(r"of 500 items")).wait_for(timeout=120_000)
+    page.locator("#only-errors input").check()
+    page.locator("#dataset-count").get_by_text(re.compile(r"^\d+ of 500 items · (\d+) wrong")).wait_for(timeout=30_000)
+    page.locator("#dataset-table").get_by_text("False").filter(visible=True).first.click()
+    page.locator("#notice").get_by_text(re.compile(r"from (image|audio|text), explained by relevance")).wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "app-dataset.png"), full_page=True)
+
 
 def test_corrupt_upload_shows_the_error_and_the_app_keeps_serving(url, browser, tmp_path):
     page = browser.new_page(locale="en-US")
