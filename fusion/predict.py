@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .input_errors import FusionInputError
 from .modalities import MODALITIES, PRECISIONS
 from .pipeline import FusionPipeline, Prediction
-from .retrieval import embed_items
+from .retrieval import predict_and_embed
 
 
 def read_rows(path: str | Path) -> tuple[list[tuple[int, dict[str, Any], str | None]], list[str]]:
@@ -105,21 +105,27 @@ def output_row(number: int, label: str | None, prediction: Prediction, embedding
 
 
 def _answer(pipeline: FusionPipeline, chunk: list[tuple[int, dict, str | None]], *, explain: bool, embed: bool) -> list[dict]:
-    """Output rows of a chunk; with `explain`, only multimodal items are explained (a single modality's shares and
-    agreement are known without it), in one batch each way."""
+    """Output rows of a chunk. Items answered plainly (all, or with `explain` the single-modality ones, whose shares
+    and agreement are known without it) take one forward pass that also gives their embeddings; with `explain`,
+    multimodal items are explained, and their explanation carries the embeddings."""
     items = [item for _, item, _ in chunk]
-    several = [i for i, item in enumerate(items) if len(item) > 1] if explain else []
-    predictions: list[Prediction | None] = [None] * len(items)
-    single = [i for i in range(len(items)) if i not in set(several)]
-    if single:
-        for i, prediction in zip(single, pipeline([items[i] for i in single])):
-            predictions[i] = prediction
+    several = {i for i, item in enumerate(items) if len(item) > 1} if explain else set()
+    answers: list[tuple[Prediction, dict[str, Any]] | None] = [None] * len(items)
+    plain = [i for i in range(len(items)) if i not in several]
+    if plain:
+        chosen = [items[i] for i in plain]
+        if embed:
+            predictions, embeddings = predict_and_embed(pipeline, chosen)
+        else:
+            predictions, embeddings = pipeline(chosen), [{} for _ in chosen]
+        for i, prediction, embedded in zip(plain, predictions, embeddings):
+            answers[i] = (prediction, embedded)
     if several:
-        for i, prediction in zip(several, pipeline([items[i] for i in several], explain=True)):
-            predictions[i] = prediction
-    embeddings = embed_items(pipeline, items) if embed else [{} for _ in items]
-    return [output_row(n, label, p, e, item, explain=explain)
-            for (n, item, label), p, e in zip(chunk, predictions, embeddings) if p is not None]
+        order = sorted(several)
+        for i, prediction in zip(order, pipeline([items[i] for i in order], explain=True)):
+            answers[i] = (prediction, dict(prediction.explanation.embeddings) if prediction.explanation else {})
+    return [output_row(n, label, answer[0], answer[1], item, explain=explain)
+            for (n, item, label), answer in zip(chunk, answers) if answer is not None]
 
 
 def predict_rows(pipeline: FusionPipeline, rows: list[tuple[int, dict, str | None]], *, explain: bool, batch_size: int,

@@ -8,6 +8,7 @@ per modality and answers nearest-neighbour queries by cosine, with numpy (or FAI
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from .input_errors import FusionInputError
 from .modalities import MODALITIES
 
 if TYPE_CHECKING:
-    from .pipeline import FusionPipeline
+    from .pipeline import FusionPipeline, Prediction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -50,13 +51,22 @@ def as_item(value: Any) -> dict[str, Any]:
 
 def embed_items(pipeline: FusionPipeline, items: list[dict], *, batch_size: int = 64) -> list[dict[str, np.ndarray]]:
     """Per item, {modality: unit vector (d,)} for each modality it has."""
+    return predict_and_embed(pipeline, items, batch_size=batch_size)[1]
+
+
+def predict_and_embed(pipeline: FusionPipeline, items: list[dict], *, batch_size: int = 64
+                      ) -> tuple[list[Prediction], list[dict[str, np.ndarray]]]:
+    """Plain predictions and embeddings of `items` from one forward pass per batch (the embeddings' single-modality
+    passes reuse its encoded tokens)."""
     model = pipeline.model
     if model.embedding_head is None:
         raise FusionInputError("this checkpoint has no embedding head (config.embedding_size is None); "
                                "train one with python -m fusion.embedding_head")
+    predictions: list[Prediction] = []
     results: list[dict[str, np.ndarray]] = [{} for _ in items]
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
+        started = time.perf_counter()
         batch = pipeline.processor(chunk)
         with torch.inference_mode():
             out = model(**pipeline.model_inputs(batch))
@@ -64,7 +74,11 @@ def embed_items(pipeline: FusionPipeline, items: list[dict], *, batch_size: int 
                 vectors = model.embed(summary).cpu().numpy()
                 for row, vector in zip(rows.tolist(), vectors):
                     results[start + row][modality] = vector
-    return results
+        assert out.logits is not None
+        probs = out.logits.float().softmax(dim=-1).cpu()
+        timings = {"forward": time.perf_counter() - started}
+        predictions += [pipeline._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
+    return predictions, results
 
 
 @dataclass
