@@ -19,7 +19,8 @@ import signal
 import tempfile
 import threading
 import time
-from collections import deque
+import uuid
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,8 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from fusion import METHODS, PRECISIONS, FusionInputError, FusionPipeline
-from fusion.data.sources import list_fsdd, load_mnist
 from fusion.dataset_view import COLUMNS as DATASET_COLUMNS
-from fusion.dataset_view import PAGE_SIZE, DatasetView
-from fusion.evaluate import load_phrases
+from fusion.dataset_view import DatasetView
 from fusion.image_processing import open_image
 from fusion.modalities import SUBSET_KEYS
 from fusion.render import (
@@ -476,38 +475,58 @@ def compare_precision(pipeline: FusionPipeline, state: dict | None) -> str:
     return "\n".join(lines)
 
 
-class SampleGallery:
-    """The gallery "find matching" searches: the shipped sample of held-out images (shown 4× enlarged), clips of the
-    held-out speaker and unseen phrasings, embedded once on first use (a few seconds) and kept."""
+class SampleData:
+    """The shipped sample (held-out images, clips of the held-out speaker, unseen phrasings) predicted and embedded
+    once, in one pass, and kept for every session: the dataset view's default and the gallery "find matching"
+    searches. `warm` starts that pass in the background when the app starts."""
 
     def __init__(self, folder: Path = EXAMPLES / "sample"):
         self.folder = folder
+        self._view: DatasetView | None = None
         self._gallery: Gallery | None = None
         self._lock = threading.Lock()
 
-    def get(self, pipeline: FusionPipeline) -> Gallery:
+    def dataset(self, pipeline: FusionPipeline) -> DatasetView:
+        with self._lock:
+            if self._view is None:
+                if not self.folder.is_dir():
+                    raise gr.Error(f"No sample to show: {self.folder} is missing.")
+                self._view = DatasetView.predict(pipeline, self.folder)
+            return self._view
+
+    def gallery(self, pipeline: FusionPipeline) -> Gallery:
+        view = self.dataset(pipeline)
         with self._lock:
             if self._gallery is None:
-                items: list[dict[str, Any]] = []
-                labels: list[str | None] = []
-                mnist = load_mnist(self.folder)
-                if mnist is not None:
-                    for image, digit in zip(*mnist):
-                        items.append({"image": np.kron(image, np.ones((4, 4), dtype=np.uint8))})
-                        labels.append(str(int(digit)))
-                for clip in list_fsdd(self.folder):
-                    items.append({"audio": str(clip.path)})
-                    labels.append(str(clip.label))
-                for text, digit in load_phrases(self.folder) or []:
-                    items.append({"text": text})
-                    labels.append(str(digit))
-                if not items:
-                    raise gr.Error(f"No gallery to search: {self.folder} has no sample.")
-                self._gallery = pipeline.index(items, labels)
+                self._gallery = gallery_of(view)
             return self._gallery
 
+    def warm(self, pipeline: FusionPipeline) -> None:
+        def run():
+            try:
+                self.gallery(pipeline)
+            except Exception:  # the first request will report it
+                log.exception("could not prepare the sample")
 
-SAMPLE_GALLERY = SampleGallery()
+        threading.Thread(target=run, name="sample", daemon=True).start()
+
+
+def gallery_of(view: DatasetView) -> Gallery:
+    """A gallery of a dataset view's rows: each row's embedding per modality, its input and label."""
+    vectors: dict[str, list[np.ndarray]] = {}
+    gallery = Gallery()
+    for row in view.rows:
+        for modality, vector in (row.get("embeddings") or {}).items():
+            vectors.setdefault(modality, []).append(np.asarray(vector, dtype=np.float32))
+            gallery.items.setdefault(modality, []).append(row["input"][modality])
+            gallery.labels.setdefault(modality, []).append(row.get("label"))
+    if not vectors:
+        raise gr.Error("The sample has no embeddings: this checkpoint has no embedding head.")
+    gallery.vectors = {m: np.stack(v) for m, v in vectors.items()}
+    return gallery
+
+
+SAMPLE = SampleData()
 MATCHES = 5
 
 
@@ -521,7 +540,7 @@ def find_matching(pipeline: FusionPipeline, image, text, audio, source: str, tar
     if pipeline.model.embedding_head is None:
         raise gr.Error("This checkpoint has no embedding head; train one with python -m fusion.embedding_head.")
     clock = StageClock()
-    gallery = SAMPLE_GALLERY.get(pipeline)
+    gallery = SAMPLE.gallery(pipeline)
     try:
         matches = pipeline.search({source: given[source]}, MATCHES, modality=target, gallery=gallery)
     except FusionInputError as error:
@@ -530,9 +549,16 @@ def find_matching(pipeline: FusionPipeline, image, text, audio, source: str, tar
     clock.record("find")
     rows = [[rank + 1, m.label, round(m.score, 3), m.item if target == "text" else Path(m.item).name if target == "audio"
              else f"image {m.index + 1} of the sample"] for rank, m in enumerate(matches)]
-    pictures = [(m.item, f"{m.label} · {m.score:.2f}") for m in matches] if target == "image" else None
+    pictures = [(_enlarged(m.item), f"{m.label} · {m.score:.2f}") for m in matches] if target == "image" else None
     clip = matches[0].item if target == "audio" else None
     return rows, pictures, clip, [(m.modality, m.item) for m in matches]
+
+
+def _enlarged(image: Any) -> Any:
+    """A small array image (MNIST's 28×28) shown 4× larger; anything else as it is."""
+    if isinstance(image, np.ndarray) and max(image.shape[:2]) < 100:
+        return np.kron(image, np.ones((4, 4) + (1,) * (image.ndim - 2), dtype=image.dtype))
+    return image
 
 
 def open_match(pipeline: FusionPipeline, matches, method, alpha, layer, head, evt: gr.SelectData):
@@ -543,7 +569,7 @@ def open_match(pipeline: FusionPipeline, matches, method, alpha, layer, head, ev
     if not 0 <= int(index) < len(matches):
         raise gr.Error("Click on a match.")
     modality, item = matches[int(index)]
-    inputs = {"image": None, "text": None, "audio": None, modality: item}
+    inputs = {"image": None, "text": None, "audio": None, modality: _enlarged(item)}
     return predict(pipeline, inputs["image"], inputs["text"], inputs["audio"], method, alpha, layer, head)
 
 
@@ -556,23 +582,10 @@ def similarity_rows(state: dict | None) -> list[list]:
     return [[a, *(round(similar[(a, b)], 3) if b in names else None for b in ("image", "text", "audio"))] for a in names]
 
 
-class SampleDataset:
-    """The dataset view's default: the shipped sample predicted once (a few seconds) and kept for every session."""
-
-    def __init__(self, folder: Path = EXAMPLES / "sample"):
-        self.folder = folder
-        self._view: DatasetView | None = None
-        self._lock = threading.Lock()
-
-    def get(self, pipeline: FusionPipeline) -> DatasetView:
-        with self._lock:
-            if self._view is None:
-                self._view = DatasetView.predict(pipeline, self.folder)
-            return self._view
-
-
-SAMPLE_DATASET = SampleDataset()
 ANY = "any"
+# Rows per page of the app's table: Gradio's Dataframe took about a second a row to appear at 50 rows in the
+# browser tests' Chromium (3.5 s for 10), so the app pages by 10; the library's pages hold 50.
+DATASET_PAGE = 10
 
 
 def open_dataset(pipeline: FusionPipeline, file: str | None):
@@ -581,7 +594,7 @@ def open_dataset(pipeline: FusionPipeline, file: str | None):
     clock = StageClock()
     try:
         if not file:
-            view = SAMPLE_DATASET.get(pipeline)
+            view = SAMPLE.dataset(pipeline)
         elif file.endswith(".jsonl") and _is_predictions(file):
             view = DatasetView.load(file)
         elif file.endswith((".csv", ".jsonl")):
@@ -591,10 +604,41 @@ def open_dataset(pipeline: FusionPipeline, file: str | None):
     except (ValueError, FusionInputError) as error:
         raise gr.Error(str(error)) from None
     clock.mark("open")
-    clock.record("dataset")
     labels = sorted({str(v) for v in np.where(view.correct >= 0, view.labels, view.predictions)})
-    state = {"view": view, "indices": np.arange(len(view)), "page": 0}
-    return (*show_dataset(state), state, gr.update(choices=[ANY, *labels], value=ANY), 1)
+    key = OPEN_DATASETS.add({"view": view, "indices": np.arange(len(view)), "page": 0})
+    shown = show_dataset(OPEN_DATASETS.get(key))
+    clock.mark("show")
+    clock.record("dataset")
+    return (*shown, key, gr.update(choices=[ANY, *labels], value=ANY), 1)
+
+
+class OpenDatasets:
+    """The datasets sessions have open, kept here rather than in Gradio's session state (which copies and compares
+    what it holds after every event: tens of seconds for a view of 500 rows in the browser test) and found by the
+    key the session holds; the `size` most recently opened are kept."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._open: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, entry: dict) -> str:
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._open[key] = entry
+            while len(self._open) > self.size:
+                self._open.popitem(last=False)
+        return key
+
+    def get(self, key: str | None) -> dict:
+        with self._lock:
+            if not key or key not in self._open:
+                raise gr.Error("Open a dataset first (datasets opened long ago are closed to save memory).")
+            self._open.move_to_end(key)
+            return self._open[key]
+
+
+OPEN_DATASETS = OpenDatasets()
 
 
 def _is_predictions(path: str) -> bool:
@@ -610,36 +654,34 @@ def show_dataset(state: dict) -> tuple:
     """The current page of the filtered rows, a line counting them, and the map of the filtered rows."""
     view, indices, page = state["view"], state["indices"], state["page"]
     wrong = int((view.correct[indices] == 0).sum())
-    count = (f"{len(indices):,} of {len(view):,} items · {wrong:,} wrong · page {page + 1} of {view.pages(indices)} "
-             "· click a row to explain it")
+    count = (f"{len(indices):,} of {len(view):,} items · {wrong:,} wrong · page {page + 1} of "
+             f"{view.pages(indices, DATASET_PAGE)} · click a row to explain it")
     picture = save({"dataset_map.png": png_bytes(view.map_image(indices))}, FOLDERS.new())[0]
-    return view.page(indices, page), count, picture
+    return view.page(indices, page, DATASET_PAGE), count, picture
 
 
-def filter_dataset(state: dict | None, errors: bool, disagreements: bool, label: str, subset: str, page: float | None):
+def filter_dataset(key: str | None, errors: bool, disagreements: bool, label: str, subset: str, page: float | None):
     """Apply the filters and go to `page` (1-based; clamped)."""
-    if not state:
-        raise gr.Error("Open a dataset first.")
+    state = OPEN_DATASETS.get(key)
     view = state["view"]
     state["indices"] = view.filter(errors=errors, disagreements=disagreements, label=None if label == ANY else label,
                                    subset=None if subset == ANY else subset)
-    state["page"] = min(max(int(page or 1), 1), view.pages(state["indices"])) - 1
-    return (*show_dataset(state), state)
+    state["page"] = min(max(int(page or 1), 1), view.pages(state["indices"], DATASET_PAGE)) - 1
+    return (*show_dataset(state), key)
 
 
-def explain_row(pipeline: FusionPipeline, state: dict | None, method, alpha, layer, head, evt: gr.SelectData):
+def explain_row(pipeline: FusionPipeline, key: str | None, method, alpha, layer, head, evt: gr.SelectData):
     """A click on a row of the dataset table: that item, explained in the views above."""
-    if not state:
-        raise gr.Error("Open a dataset first.")
+    state = OPEN_DATASETS.get(key)
     row = int(evt.index[0])
-    position = state["page"] * PAGE_SIZE + row
+    position = state["page"] * DATASET_PAGE + row
     if not 0 <= position < len(state["indices"]):
         raise gr.Error("Click on a row.")
     try:
         item = state["view"].item(int(state["indices"][position]))
     except ValueError as error:
         raise gr.Error(str(error)) from None
-    return predict(pipeline, item.get("image"), item.get("text"), item.get("audio"), method, alpha, layer, head)
+    return predict(pipeline, _enlarged(item.get("image")), item.get("text"), item.get("audio"), method, alpha, layer, head)
 
 
 def after_answer(pipeline: FusionPipeline, state: dict | None) -> tuple:
@@ -899,6 +941,8 @@ def main(argv: list[str] | None = None) -> None:
     pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
     log.info("ready: %s, %d torch threads", pipeline.description, torch.get_num_threads())
     demo = build_demo(pipeline)
+    if pipeline.model.embedding_head is not None:
+        SAMPLE.warm(pipeline)  # the dataset view's default and the gallery, ready before anyone asks
     # A full queue answers at once with Gradio's "Queue is full! Please try again." instead of a long wait.
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     files.demo = demo
