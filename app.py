@@ -19,8 +19,7 @@ import signal
 import tempfile
 import threading
 import time
-import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -605,40 +604,11 @@ def open_dataset(pipeline: FusionPipeline, file: str | None):
         raise gr.Error(str(error)) from None
     clock.mark("open")
     labels = sorted({str(v) for v in np.where(view.correct >= 0, view.labels, view.predictions)})
-    key = OPEN_DATASETS.add({"view": view, "indices": np.arange(len(view)), "page": 0})
-    shown = show_dataset(OPEN_DATASETS.get(key))
+    state = {"view": view, "indices": np.arange(len(view)), "page": 0}
+    shown = show_dataset(state)
     clock.mark("show")
     clock.record("dataset")
-    return (*shown, key, gr.update(choices=[ANY, *labels], value=ANY), 1)
-
-
-class OpenDatasets:
-    """The datasets sessions have open, kept here rather than in Gradio's session state (which copies and compares
-    what it holds after every event: tens of seconds for a view of 500 rows in the browser test) and found by the
-    key the session holds; the `size` most recently opened are kept."""
-
-    def __init__(self, size: int = 16):
-        self.size = size
-        self._open: OrderedDict[str, dict] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, entry: dict) -> str:
-        key = uuid.uuid4().hex
-        with self._lock:
-            self._open[key] = entry
-            while len(self._open) > self.size:
-                self._open.popitem(last=False)
-        return key
-
-    def get(self, key: str | None) -> dict:
-        with self._lock:
-            if not key or key not in self._open:
-                raise gr.Error("Open a dataset first (datasets opened long ago are closed to save memory).")
-            self._open.move_to_end(key)
-            return self._open[key]
-
-
-OPEN_DATASETS = OpenDatasets()
+    return (*shown, state, gr.update(choices=[ANY, *labels], value=ANY), 1)
 
 
 def _is_predictions(path: str) -> bool:
@@ -660,19 +630,21 @@ def show_dataset(state: dict) -> tuple:
     return view.page(indices, page, DATASET_PAGE), count, picture
 
 
-def filter_dataset(key: str | None, errors: bool, disagreements: bool, label: str, subset: str, page: float | None):
+def filter_dataset(state: dict | None, errors: bool, disagreements: bool, label: str, subset: str, page: float | None):
     """Apply the filters and go to `page` (1-based; clamped)."""
-    state = OPEN_DATASETS.get(key)
+    if not state:
+        raise gr.Error("Open a dataset first.")
     view = state["view"]
     state["indices"] = view.filter(errors=errors, disagreements=disagreements, label=None if label == ANY else label,
                                    subset=None if subset == ANY else subset)
     state["page"] = min(max(int(page or 1), 1), view.pages(state["indices"], DATASET_PAGE)) - 1
-    return (*show_dataset(state), key)
+    return (*show_dataset(state), state)
 
 
-def explain_row(pipeline: FusionPipeline, key: str | None, method, alpha, layer, head, evt: gr.SelectData):
+def explain_row(pipeline: FusionPipeline, state: dict | None, method, alpha, layer, head, evt: gr.SelectData):
     """A click on a row of the dataset table: that item, explained in the views above."""
-    state = OPEN_DATASETS.get(key)
+    if not state:
+        raise gr.Error("Open a dataset first.")
     row = int(evt.index[0])
     position = state["page"] * DATASET_PAGE + row
     if not 0 <= position < len(state["indices"]):

@@ -428,7 +428,7 @@ def test_the_dataset_view_opens_the_sample_filters_and_explains_a_row(tmp_path):
     assert "of 500 items" in count and len(table) == app.DATASET_PAGE and Image.open(picture).size[0] > 400 and page == 1
     table, count, picture, state = app.filter_dataset(state, True, False, "any", "any", 1)
     wrong = [row for row in table]
-    assert wrong and all(row[4] is False for row in wrong) and count.startswith(f"{len(app.OPEN_DATASETS.get(state)['indices'])} of 500")
+    assert wrong and all(row[4] is False for row in wrong) and count.startswith(f"{len(state['indices'])} of 500")
     out = app.explain_row(pipe, state, "relevance", 0.5, "average", "average", Click([0, 2]))
     assert out[9]["prediction"].label == wrong[0][2]  # the row's own prediction, now explained
     table, count, *_ = app.filter_dataset(state, False, False, "7", "audio", 99)  # the page is clamped
