@@ -512,17 +512,10 @@ class SampleData:
 
 def gallery_of(view: DatasetView) -> Gallery:
     """A gallery of a dataset view's rows: each row's embedding per modality, its input and label."""
-    vectors: dict[str, list[np.ndarray]] = {}
-    gallery = Gallery()
-    for row in view.rows:
-        for modality, vector in (row.get("embeddings") or {}).items():
-            vectors.setdefault(modality, []).append(np.asarray(vector, dtype=np.float32))
-            gallery.items.setdefault(modality, []).append(row["input"][modality])
-            gallery.labels.setdefault(modality, []).append(row.get("label"))
-    if not vectors:
+    if not any(row.get("embeddings") for row in view.rows):
         raise gr.Error("The sample has no embeddings: this checkpoint has no embedding head.")
-    gallery.vectors = {m: np.stack(v) for m, v in vectors.items()}
-    return gallery
+    return Gallery.of((modality, vector, row["input"][modality], row.get("label"))
+                      for row in view.rows for modality, vector in (row.get("embeddings") or {}).items())
 
 
 SAMPLE = SampleData()

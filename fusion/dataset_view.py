@@ -74,6 +74,7 @@ class DatasetView:
     def predict(cls, pipeline: FusionPipeline, source: str | Path, *, batch_size: int = 64) -> DatasetView:
         """Rows for a manifest (CSV/JSONL) or a folder in the evaluate layout (mnist/, fsdd/, text.tsv), explained
         (shares, agreement) and embedded; a folder's items are single-modality."""
+        from .data.sources import folder_items
         from .predict import predict_rows, read_rows
 
         source = Path(source)
@@ -193,16 +194,3 @@ def describe(item: dict[str, Any]) -> str:
         else:
             parts.append(f"{modality} array")
     return " + ".join(parts)
-
-
-def folder_items(folder: Path) -> list[tuple[int, dict[str, Any], str | None]]:
-    """(number, item, label) for every image, clip and phrase of a folder in the evaluate layout."""
-    from .data.sources import list_fsdd, load_mnist, load_phrases
-
-    mnist = load_mnist(folder)
-    found: list[tuple[dict[str, Any], str]] = []
-    if mnist is not None:
-        found += [({"image": image}, str(int(digit))) for image, digit in zip(*mnist)]
-    found += [({"audio": str(clip.path)}, str(clip.label)) for clip in list_fsdd(folder)]
-    found += [({"text": text}, str(digit)) for text, digit in load_phrases(folder) or []]
-    return [(number, item, label) for number, (item, label) in enumerate(found, start=1)]

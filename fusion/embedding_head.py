@@ -30,18 +30,15 @@ from .data.sources import HELD_OUT_SPEAKER, list_fsdd, load_mnist, mnist_split
 from .data.synthetic import synthetic_clips
 from .modalities import MODALITIES, subset_key
 from .pipeline import FusionPipeline
-from .retrieval import recall_at
+from .retrieval import alone_passes, pairwise_recall
 
 
 def summaries(pipeline: FusionPipeline, items: list[dict], *, batch_size: int = 128) -> dict[str, np.ndarray]:
     """Per modality, (N, F) summary states of each item's modality alone (items of one modality each)."""
     found: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(items), batch_size):
-        batch = pipeline.processor(items[start : start + batch_size])
-        with torch.inference_mode():
-            out = pipeline.model(**pipeline.model_inputs(batch))
-            for modality, (summary, _) in pipeline.model.alone_summaries(out).items():
-                found.setdefault(modality, []).append(summary.float().cpu().numpy())
+    for _, _, _, alone in alone_passes(pipeline, items, batch_size=batch_size):
+        for modality, (summary, _) in alone.items():
+            found.setdefault(modality, []).append(summary.float().cpu().numpy())
     return {m: np.concatenate(v) for m, v in found.items()}
 
 
@@ -74,12 +71,6 @@ def supervised_contrastive(vectors: torch.Tensor, labels: torch.Tensor, temperat
     log_all = torch.logsumexp(scores, dim=1)
     log_positive = torch.logsumexp(scores.masked_fill(~positives, float("-inf")), dim=1)
     return (log_all - log_positive).mean()
-
-
-def pairwise_recall(vectors: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """R@1 and R@5 for every ordered pair of modalities (query → gallery), keys like `image→audio`."""
-    return {f"{a}→{b}": recall_at(vectors[a], labels[a], vectors[b], labels[b])
-            for a in vectors for b in vectors if a != b}
 
 
 def train_head(states: dict[str, np.ndarray], labels: dict[str, np.ndarray], *, size: int, steps: int, temperature: float,

@@ -22,7 +22,7 @@ import torch
 
 from .data import phrases
 from .data.examples import collate
-from .data.sources import list_fsdd, load_mnist, load_phrases
+from .data.sources import folder_items, list_fsdd, load_mnist, load_phrases
 from .modalities import HALF_PRECISIONS, MODALITIES, PRECISIONS, SUBSET_KEYS
 from .pipeline import FusionPipeline
 
@@ -168,25 +168,16 @@ def retrieval(pipeline: FusionPipeline, folder: str | Path) -> dict:
     """R@1 and R@5 of the shared embedding space for every ordered pair of modalities found under `folder` (each
     item of one modality queries all items of another; a hit is an item of the same label), with counts under
     `n`."""
-    from .embedding_head import pairwise_recall
-    from .retrieval import embed_items
+    from .retrieval import embed_items, pairwise_recall
 
-    items: dict[str, tuple[list, list[int]]] = {}
-    mnist = load_mnist(folder)
-    if mnist is not None:
-        items["image"] = (list(mnist[0]), [int(d) for d in mnist[1]])
-    clips = list_fsdd(folder)
-    if clips:
-        items["audio"] = ([str(c.path) for c in clips], [c.label for c in clips])
-    found = load_phrases(folder) or []
-    if found:
-        items["text"] = ([text for text, _ in found], [digit for _, digit in found])
-    vectors, labels = {}, {}
-    for modality, (inputs, digits) in items.items():
-        embedded = embed_items(pipeline, [{modality: x} for x in inputs])
-        vectors[modality] = np.stack([e[modality] for e in embedded])
-        labels[modality] = np.array(digits)
-    results: dict = pairwise_recall(vectors, labels)
+    items = folder_items(folder)
+    vectors: dict[str, list[np.ndarray]] = {}
+    labels: dict[str, list[str | None]] = {}
+    for (_, item, label), embedded in zip(items, embed_items(pipeline, [item for _, item, _ in items])):
+        for modality, vector in embedded.items():
+            vectors.setdefault(modality, []).append(vector)
+            labels.setdefault(modality, []).append(label)
+    results: dict = pairwise_recall({m: np.stack(v) for m, v in vectors.items()}, {m: np.array(v) for m, v in labels.items()})
     results["n"] = {m: len(v) for m, v in vectors.items()}
     return results
 

@@ -483,25 +483,21 @@ class FusionForClassification(FusionPreTrainedModel):
         """Logits (B, K) from summary states (B, F)."""
         return self.classifier(summary.to(self.classifier.weight.dtype))
 
-    def classify(self, encoded: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K) of already encoded tokens (B, N, F) with their mask: [`FusionModel.fuse`] and the head."""
-        hidden, _ = self.fusion.fuse(encoded, token_mask)
-        return self.head(hidden[:, 0])
-
-    def alone_summaries(self, out: FusionOutput) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def alone_summaries(self, out: FusionOutput, rows: dict[str, torch.Tensor] | None = None
+                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per modality of a forward pass's output: (summary states (R, F), row indices (R,)) of the rows that carry
-        it, each from the fusion layers over the summary token and that modality's tokens only: what the model
-        computes when given that modality alone."""
+        it (or, with `rows`, of the rows its (B,) bool mask picks), each from the fusion layers over the summary token
+        and that modality's tokens only: exactly what the model computes when given that modality alone."""
         assert out.encoded is not None and out.token_mask is not None and out.modality_spans is not None
+        assert out.modality_mask is not None
         result = {}
         for modality, (start, end) in out.modality_spans.items():
-            assert out.modality_mask is not None
-            rows = out.modality_mask[modality].nonzero(as_tuple=True)[0]
-            if len(rows) == 0:
+            chosen = (out.modality_mask if rows is None else rows)[modality].to(out.encoded.device).nonzero(as_tuple=True)[0]
+            if len(chosen) == 0:
                 continue
             keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, end)]).to(out.encoded.device)
-            hidden, _ = self.fusion.fuse(out.encoded[rows][:, keep], out.token_mask[rows][:, keep])
-            result[modality] = (hidden[:, 0], rows)
+            hidden, _ = self.fusion.fuse(out.encoded[chosen][:, keep], out.token_mask[chosen][:, keep])
+            result[modality] = (hidden[:, 0], chosen)
         return result
 
     def embed(self, summary: torch.Tensor) -> torch.Tensor:

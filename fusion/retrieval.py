@@ -9,6 +9,7 @@ per modality and answers nearest-neighbour queries by cosine, with numpy (or FAI
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from .input_errors import FusionInputError
 from .modalities import MODALITIES
 
 if TYPE_CHECKING:
+    from .modeling import FusionOutput
     from .pipeline import FusionPipeline, Prediction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -54,6 +56,17 @@ def embed_items(pipeline: FusionPipeline, items: list[dict], *, batch_size: int 
     return predict_and_embed(pipeline, items, batch_size=batch_size)[1]
 
 
+def alone_passes(pipeline: FusionPipeline, items: list[dict], *, batch_size: int = 64) -> Iterator[tuple[int, dict, FusionOutput, dict]]:
+    """Per batch of `items`: its first index, the processed batch, the model's output and each modality's summary
+    alone (`FusionForClassification.alone_summaries`), computed in inference mode (use them there too)."""
+    for start in range(0, len(items), batch_size):
+        batch = pipeline.processor(items[start : start + batch_size])
+        with torch.inference_mode():
+            out = pipeline.model(**pipeline.model_inputs(batch))
+            alone = pipeline.model.alone_summaries(out)
+        yield start, batch, out, alone
+
+
 def predict_and_embed(pipeline: FusionPipeline, items: list[dict], *, batch_size: int = 64
                       ) -> tuple[list[Prediction], list[dict[str, np.ndarray]]]:
     """Plain predictions and embeddings of `items` from one forward pass per batch (the embeddings' single-modality
@@ -64,20 +77,18 @@ def predict_and_embed(pipeline: FusionPipeline, items: list[dict], *, batch_size
                                "train one with python -m fusion.embedding_head")
     predictions: list[Prediction] = []
     results: list[dict[str, np.ndarray]] = [{} for _ in items]
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        started = time.perf_counter()
-        batch = pipeline.processor(chunk)
-        with torch.inference_mode():
-            out = model(**pipeline.model_inputs(batch))
-            for modality, (summary, rows) in model.alone_summaries(out).items():
+    started = time.perf_counter()
+    for start, batch, out, alone in alone_passes(pipeline, items, batch_size=batch_size):
+        for modality, (summary, rows) in alone.items():
+            with torch.inference_mode():
                 vectors = model.embed(summary).cpu().numpy()
-                for row, vector in zip(rows.tolist(), vectors):
-                    results[start + row][modality] = vector
+            for row, vector in zip(rows.tolist(), vectors):
+                results[start + row][modality] = vector
         assert out.logits is not None
         probs = out.logits.float().softmax(dim=-1).cpu()
         timings = {"forward": time.perf_counter() - started}
         predictions += [pipeline._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
+        started = time.perf_counter()
     return predictions, results
 
 
@@ -103,6 +114,17 @@ class Gallery:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.items.values())
+
+    @classmethod
+    def of(cls, entries: Iterable[tuple[str, np.ndarray, Any, str | None]]) -> Gallery:
+        """A gallery of (modality, unit vector, item, label) entries."""
+        gallery, rows = cls(), dict[str, list[np.ndarray]]()
+        for modality, vector, item, label in entries:
+            rows.setdefault(modality, []).append(np.asarray(vector, dtype=np.float32))
+            gallery.items.setdefault(modality, []).append(item)
+            gallery.labels.setdefault(modality, []).append(label)
+        gallery.vectors = {m: np.stack(v) for m, v in rows.items()}
+        return gallery
 
     def search(self, query: np.ndarray, k: int, modality: str) -> list[Match]:
         """The `k` items of `modality` nearest to the unit vector `query` by cosine, best first."""
@@ -147,14 +169,8 @@ def build_gallery(pipeline: FusionPipeline, items: list[Any], labels: list[str |
     prepared = [as_item(item) if not isinstance(item, dict) else {m: v for m, v in item.items() if m in MODALITIES and v is not None}
                 for item in items]
     embedded = embed_items(pipeline, prepared)
-    gallery, rows = Gallery(), dict[str, list[np.ndarray]]()
-    for position, (item, vectors) in enumerate(zip(prepared, embedded)):
-        for modality, vector in vectors.items():
-            rows.setdefault(modality, []).append(vector)
-            gallery.items.setdefault(modality, []).append(item[modality])
-            gallery.labels.setdefault(modality, []).append(None if labels is None else labels[position])
-    gallery.vectors = {m: np.stack(v).astype(np.float32) for m, v in rows.items()}
-    return gallery
+    return Gallery.of((modality, vector, item[modality], None if labels is None else labels[position])
+                      for position, (item, vectors) in enumerate(zip(prepared, embedded)) for modality, vector in vectors.items())
 
 
 def recall_at(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray,
@@ -164,3 +180,9 @@ def recall_at(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
     order = np.argsort(-scores, axis=1, kind="stable")[:, : max(ks)]
     hits = gallery_labels[order] == query_labels[:, None]
     return {f"R@{k}": round(float(hits[:, :k].any(axis=1).mean()), 4) for k in ks}
+
+
+def pairwise_recall(vectors: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """R@1 and R@5 for every ordered pair of modalities (query → gallery), keys like `image→audio`."""
+    return {f"{a}→{b}": recall_at(vectors[a], labels[a], vectors[b], labels[b])
+            for a in vectors for b in vectors if a != b}

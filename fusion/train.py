@@ -140,13 +140,8 @@ class FusionObjective(nn.Module):
         out = self.model(**batch)
         labels = batch["labels"]
         loss = out.loss
-        for modality, (start, end) in out.modality_spans.items():
-            rows = alone[modality].to(labels.device).nonzero(as_tuple=True)[0]
-            if len(rows) == 0:
-                continue
-            keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, end)]).to(labels.device)
-            encoded = out.encoded[rows][:, keep]  # (R, 1 + T_modality, F)
-            logits = self.model.classify(encoded, out.token_mask[rows][:, keep])
+        for summary, rows in self.model.alone_summaries(out, rows=alone).values():
+            logits = self.model.head(summary)
             loss = loss + F.cross_entropy(logits.float(), labels[rows], reduction="sum") / len(labels)
         return loss
 

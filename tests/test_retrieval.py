@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from fusion import FusionInputError, FusionPipeline
-from fusion.embedding_head import (
-    pairwise_recall,
-    project,
-    supervised_contrastive,
-    train_head,
-)
+from fusion.embedding_head import project, supervised_contrastive, train_head
 from fusion.evaluate import retrieval
 from fusion.modeling import FusionForClassification
-from fusion.retrieval import as_item, recall_at
+from fusion.retrieval import as_item, pairwise_recall, recall_at
 
 from .conftest import tiny_config
 

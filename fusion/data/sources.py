@@ -14,6 +14,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,18 @@ def list_fsdd(folder: str | Path) -> list[Clip]:
         if parts[0].isdigit() and 0 <= int(parts[0]) <= 9:
             clips.append(Clip(path, int(parts[0]), parts[1] if len(parts) > 1 else ""))
     return clips
+
+
+def folder_items(folder: str | Path) -> list[tuple[int, dict[str, Any], str | None]]:
+    """(number from 1, item of one modality, label) for every image, clip and phrase of a folder in the evaluate
+    layout (`mnist/`, `fsdd/`, `text.tsv`)."""
+    found: list[tuple[dict[str, Any], str]] = []
+    mnist = load_mnist(folder)
+    if mnist is not None:
+        found += [({"image": image}, str(int(digit))) for image, digit in zip(*mnist)]
+    found += [({"audio": str(clip.path)}, str(clip.label)) for clip in list_fsdd(folder)]
+    found += [({"text": text}, str(digit)) for text, digit in load_phrases(folder) or []]
+    return [(number, item, label) for number, (item, label) in enumerate(found, start=1)]
 
 
 def load_phrases(folder: str | Path) -> list[tuple[str, int]] | None:
