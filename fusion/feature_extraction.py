@@ -126,6 +126,11 @@ def prepare_waveform(samples: np.ndarray, rate: int, settings: AudioSettings) ->
     The start time (seconds into the given audio where the model's window begins; negative when padded)
     lets explanations put the spectrogram on the clip's own time axis.
     """
+    return fit_window(resample_to(samples, rate, settings), settings)
+
+
+def resample_to(samples: np.ndarray, rate: int, settings: AudioSettings) -> np.ndarray:
+    """Mono samples at `rate` resampled to the model's rate (checked: a supported rate, finite, not silent)."""
     if not settings.min_rate <= rate <= settings.max_rate:
         raise FusionInputError(
             f"audio sampling rate {rate} Hz is outside {settings.min_rate:,}–{settings.max_rate:,} Hz"
@@ -141,6 +146,12 @@ def prepare_waveform(samples: np.ndarray, rate: int, settings: AudioSettings) ->
     wave = signal.numpy()
     if not np.isfinite(wave).all():
         raise FusionInputError("audio samples are too large to process (they overflow when resampled); is it really audio?")
+    return wave
+
+
+def fit_window(wave: np.ndarray, settings: AudioSettings) -> tuple[np.ndarray, float]:
+    """Samples at the model's rate trimmed to the speech, fitted to the model's window and levelled, and the
+    window's start in seconds (see `prepare_waveform`)."""
     peak = float(np.abs(wave).max(initial=0.0))
     if peak < settings.silence_peak:
         raise FusionInputError("audio is silent (no sample above 1e-4 of full scale); record again, closer to the microphone")
@@ -237,14 +248,12 @@ class FusionFeatureExtractor:
         `audio_duration` (the clip's length), in seconds of the clip as given; for a clip longer than the window,
         also `audio_clip_features`, the whole clip's log-mel (mel, frames from 0 s), for pictures of all of it."""
         samples, rate = load_waveform(source, self.settings)
-        wave, start = prepare_waveform(samples, rate, self.settings)
+        resampled = resample_to(samples, rate, self.settings)  # once, for the window and the whole clip
+        wave, start = fit_window(resampled, self.settings)
         features = self.log_mel(torch.from_numpy(wave)[None])[0]
         facts: dict[str, Any] = {"audio_start": start, "audio_duration": len(samples) / rate}
-        if len(samples) / rate > self.settings.duration + self.frame_seconds:
-            whole = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
-            if rate != self.settings.sampling_rate:
-                whole = torchaudio.functional.resample(whole, rate, self.settings.sampling_rate)
-            whole = whole / max(float(whole.abs().max()), 1e-8)
+        if len(resampled) > (self.settings.duration + self.frame_seconds) * self.settings.sampling_rate:
+            whole = torch.from_numpy(resampled / max(float(np.abs(resampled).max()), 1e-8))
             facts["audio_clip_features"] = self.log_mel(whole[None], whole=True)[0].numpy()
         return features, facts
 
