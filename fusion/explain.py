@@ -66,9 +66,9 @@ class Explanation:
         notes (`list[str]`): what was adapted (a fallback of method, a truncated text).
         audio_clip (`tuple[int, int] | None`): the spectrogram frames that lie inside the clip as given (the rest
             of the model's window is padding).
-        audio_clip_spectrogram (`np.ndarray (mel, frames) | None`): the whole clip's log-mel, frame 0 at 0 s, for
-            pictures whose time axis runs from 0 s to the clip's end; `audio_clip_offset` is the frame of it where
-            the model's window begins (negative when the window is padded before the clip).
+        audio_clip_spectrogram (`np.ndarray (mel, frames) | None`): for a clip longer than the model's window, the
+            whole clip's log-mel, frame 0 at 0 s, for pictures of all of it; `audio_clip_offset` is its frame where the
+            window begins. (A shorter clip's picture is the window's frames in `audio_clip`.)
         input_heatmaps (`dict[str, np.ndarray]`): the relevance on the model's own inputs (the image's square,
             the spectrogram; for text, per token), which `FusionPipeline.trust` removes cells by.
         trust (`dict[str, dict]`): filled by `FusionPipeline.trust`: per map, how much the explained class's
@@ -406,13 +406,10 @@ def explain_item(
             explanation.audio_heatmap = heat_map
             explanation.audio_spectrogram = values.numpy()
             explanation.audio_times = info["audio_start"] + np.arange(values.shape[-1]) * frame_seconds
-            explanation.audio_clip = first, stop = clip_frames(explanation.audio_times, info.get("audio_duration"), frame_seconds)
+            explanation.audio_clip = clip_frames(explanation.audio_times, info.get("audio_duration"), frame_seconds)
             if info.get("audio_clip_features") is not None:  # longer than the window: the whole clip
                 explanation.audio_clip_spectrogram = np.asarray(info["audio_clip_features"], dtype=np.float32)
                 explanation.audio_clip_offset = int(round(info["audio_start"] / frame_seconds))
-            else:
-                explanation.audio_clip_spectrogram = explanation.audio_spectrogram[:, first:stop]
-                explanation.audio_clip_offset = -first
 
     explanation.attentions = [a.numpy() for a in fusion]
     explanation.attention_matrix = attention_matrix(fusion, out.modality_spans, out.token_mask[0].cpu())

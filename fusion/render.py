@@ -173,8 +173,7 @@ def spectrogram_image(explanation: Explanation, *, alpha: float = 0.6, values: n
     window = _needs(explanation.audio_spectrogram, "spectrogram")
     if values is None:
         values, ticks = relevance_display(_needs(explanation.audio_heatmap, "audio heatmap"))
-    clip = explanation.audio_clip_spectrogram
-    clip, offset = (window, 0) if clip is None else (clip, explanation.audio_clip_offset)
+    clip, offset = clip_view(explanation)
     mel, frames = clip.shape
     placed = np.zeros((mel, frames), dtype=np.float32)
     lo, hi = max(0, offset), min(frames, offset + window.shape[-1])
@@ -210,13 +209,23 @@ def _frame_seconds(explanation: Explanation) -> float:
     return float(times[1] - times[0]) if times is not None and len(times) > 1 else 0.01
 
 
+def clip_view(explanation: Explanation) -> tuple[np.ndarray, int]:
+    """The spectrogram a picture shows, frame 0 at 0 s of the clip as given (the window's frames inside the clip, or
+    for a longer clip the whole of it), and its column where the model's window begins."""
+    if explanation.audio_clip_spectrogram is not None:
+        return explanation.audio_clip_spectrogram, explanation.audio_clip_offset
+    window = _needs(explanation.audio_spectrogram, "spectrogram")
+    first, stop = explanation.audio_clip or (0, window.shape[-1])
+    return window[:, first:stop], -first
+
+
 def spectrogram_x_to_time(explanation: Explanation, x: float) -> float:
     """The clip's time (seconds from its start) at column `x` of `spectrogram_image`'s picture."""
-    clip = explanation.audio_clip_spectrogram
-    frames = (clip if clip is not None else _needs(explanation.audio_spectrogram, "spectrogram")).shape[-1]
+    clip, offset = clip_view(explanation)
+    frames = clip.shape[-1]
     column = min(frames - 1, max(0, int(x / _spectrogram_width(frames) * frames)))
-    return column * _frame_seconds(explanation) if clip is not None else float(
-        _needs(explanation.audio_times, "audio times")[column])
+    times = _needs(explanation.audio_times, "audio times")
+    return float(times[0] + (column - offset) * _frame_seconds(explanation))
 
 
 def _tick_step(span: float) -> float:

@@ -118,17 +118,17 @@ def test_the_spectrogram_is_cut_to_the_clip(explained):
     times = explanation.audio_times[first:stop]
     frame = times[1] - times[0]
     assert abs(times[0]) <= frame and abs(times[-1] + frame - 0.3) <= frame
-    assert explanation.audio_clip_spectrogram.shape[-1] == stop - first
+    assert render.clip_view(explanation)[0].shape[-1] == stop - first
     # A 3 s recording: the model hears its loudest second; the picture still shows all of it, 0 s to 3 s.
     long = np.zeros(3 * rate, dtype=np.float32)
     long[int(1.8 * rate) : int(2.2 * rate)] = 0.5 * np.sin(2 * np.pi * 220 * np.arange(int(0.4 * rate)) / rate)
     explanation = pipe(audio=(rate, long), explain=True).explanation
-    frames = explanation.audio_clip_spectrogram.shape[-1]
+    frames = render.clip_view(explanation)[0].shape[-1]
     assert abs(frames * frame - 3.0) <= frame
     picture = render.spectrogram_image(explanation)
     assert picture.shape[1] == min(render.MAX_SPECTROGRAM_WIDTH, picture.shape[1])
     width = picture.shape[1] - render.SCALE_WIDTH
-    assert render.spectrogram_x_to_time(explanation, 0) == 0.0
+    assert abs(render.spectrogram_x_to_time(explanation, 0)) <= frame
     assert abs(render.spectrogram_x_to_time(explanation, width - 1) - 3.0) <= 2 * frame
     heard = render.spectrogram_x_to_time(explanation, width * 2.0 / 3.0)  # 2 s: inside the window the model heard
     assert pipe_cross(explanation, heard)
