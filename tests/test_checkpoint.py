@@ -112,3 +112,12 @@ def test_every_precision_answers_and_explains(precision):
     assert pred.label == "7" and pred.method == "relevance"
     assert sum(pred.modality_shares.values()) == pytest.approx(1.0)
     assert pred.image_heatmap.shape == (280, 280)
+
+
+def test_the_trust_figure_finds_the_image_maps_faithful(fp32):
+    """Ten sample images alone: removing each map's top 10% lowers the answer's probability more than removing a
+    random 10% (on 100 held-out images this held for 98)."""
+    images, _ = load_mnist(SAMPLE)
+    figures = [fp32.trust(fp32(image=image, explain=True))["image"] for image in images[:10]]
+    assert sum(f["faithful"] for f in figures) >= 8
+    assert sum(f["top"] for f in figures) > 5 * sum(f["random"] for f in figures)

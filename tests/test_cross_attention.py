@@ -84,10 +84,12 @@ def test_cross_attention_equals_attention_computed_by_hand(explained):
                             seventh = word_spans(TEXT)[3]
                             tokens = [i for i, (s, e) in enumerate(layout.text_offsets) if e > s and s < seventh[1] and e > seventh[0]]
                             assert dict((p, v) for p, v in result.text if p.strip())["seven"] == pytest.approx(block[tokens].sum(), abs=tolerance)
-                        if other == "audio":  # every cell of a token's column carries that token's weight
-                            assert result.audio.max() == pytest.approx(block.max(), abs=tolerance)
-                    matrix = prediction.token_attention(modality, "image" if modality != "image" else "audio", layer=layer, head=head)
-                    assert matrix.shape[0] == layout.spans[modality][1] - layout.spans[modality][0]
+                        if other in ("audio", "image"):  # each token's cells carry that token's weight
+                            assert getattr(result, other).max() == pytest.approx(block.max(), abs=tolerance)
+                for rows, columns in (("text", "image"), ("image", "audio"), ("audio", "text")):
+                    (r0, r1), (c0, c1) = layout.spans[rows], layout.spans[columns]
+                    matrix = prediction.token_attention(rows, columns, layer=layer, head=head)
+                    np.testing.assert_allclose(matrix, chosen[r0:r1, c0:c1], atol=tolerance)
 
 
 def test_places_map_to_the_tokens_under_them(explained):
