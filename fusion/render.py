@@ -65,18 +65,14 @@ def overlay(base: np.ndarray | Image.Image, heatmap: np.ndarray, *, alpha: float
     return (base * (1 - weight) + colours * weight).astype(np.uint8)
 
 
-def for_display(heatmap: np.ndarray) -> np.ndarray:
-    """Relevance is peaked (a few pixels carry most of it): scale to the 99th percentile of the non-zero
-    values and take the square root, so the eye sees where it lies, not only its single maximum."""
-    return relevance_display(heatmap)[0]
-
-
 Ticks = list[tuple[float, str]]  # (position on a colour scale in [0, 1], its label)
 
 
 def relevance_display(heatmap: np.ndarray) -> tuple[np.ndarray, Ticks]:
-    """`for_display`'s colours of a relevance map in [0, 1] and the values its colour scale shows: the colour at
-    position v stands for relevance v² × (the 99th percentile), as a share of the map's peak."""
+    """Colours of a relevance map in [0, 1], and the values its colour scale shows. Relevance is peaked (a few pixels
+    carry most of it), so it is scaled to the 99th percentile of the non-zero values and square-rooted, so the eye
+    sees where it lies, not only its single maximum: the colour at position v stands for relevance v² × (the 99th
+    percentile), as a share of the map's peak."""
     positive = heatmap[heatmap > 0]
     if positive.size == 0:
         return heatmap, [(0.0, "0"), (1.0, "1")]
