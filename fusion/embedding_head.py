@@ -30,7 +30,7 @@ from .data.sources import HELD_OUT_SPEAKER, list_fsdd, load_mnist, mnist_split
 from .data.synthetic import synthetic_clips
 from .modalities import MODALITIES, subset_key
 from .pipeline import FusionPipeline
-from .retrieval import alone_passes, pairwise_recall
+from .retrieval import alone_passes, pairwise_recall, supervised_contrastive
 
 
 def summaries(pipeline: FusionPipeline, items: list[dict], *, batch_size: int = 128) -> dict[str, np.ndarray]:
@@ -60,17 +60,6 @@ def training_items(data: Path, cache: Path | None, *, per_modality: int, seed: i
     digits = [rng.randrange(10) for _ in range(per_modality)]
     result["text"] = ([phrases.phrase(d, rng, split="train") for d in digits], digits)
     return result
-
-
-def supervised_contrastive(vectors: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over anchors of -log(Σ same-class exp(cos/τ) / Σ others exp(cos/τ)), the anchor itself left out."""
-    scores = vectors @ vectors.T / temperature
-    self_mask = torch.eye(len(vectors), dtype=torch.bool)
-    scores = scores.masked_fill(self_mask, float("-inf"))
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    log_all = torch.logsumexp(scores, dim=1)
-    log_positive = torch.logsumexp(scores.masked_fill(~positives, float("-inf")), dim=1)
-    return (log_all - log_positive).mean()
 
 
 def train_head(states: dict[str, np.ndarray], labels: dict[str, np.ndarray], *, size: int, steps: int, temperature: float,

@@ -92,6 +92,22 @@ def predict_and_embed(pipeline: FusionPipeline, items: list[dict], *, batch_size
     return predictions, results
 
 
+def supervised_contrastive(vectors: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The loss that trains the shared space: mean over anchors of -log(Σ same-label exp(cos/τ) / Σ all exp(cos/τ)),
+    the anchor itself left out of both sums, over (N, d) unit vectors; anchors without another item of their label
+    are skipped (0 when none has one)."""
+    scores = vectors.float() @ vectors.float().T / temperature
+    self_mask = torch.eye(len(vectors), dtype=torch.bool, device=vectors.device)
+    scores = scores.masked_fill(self_mask, float("-inf"))
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    anchors = positives.any(dim=1)
+    if not anchors.any():
+        return scores.new_zeros(())
+    log_all = torch.logsumexp(scores[anchors], dim=1)
+    log_positive = torch.logsumexp(scores[anchors].masked_fill(~positives[anchors], float("-inf")), dim=1)
+    return (log_all - log_positive).mean()
+
+
 @dataclass
 class Match:
     """One search result: the gallery item, its modality, label (if the gallery had labels), position, cosine."""

@@ -24,6 +24,7 @@ import random
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ from .modalities import MODALITIES
 from .modeling import FusionForClassification, ModalityEncoder
 from .pipeline import FusionPipeline
 from .processing import FusionProcessor, ProcessorSettings
+from .retrieval import supervised_contrastive
 from .speech import WHISPER_AUDIO_SETTINGS, convert
 from .tokenization import build_tokenizer
 
@@ -91,11 +93,12 @@ def tiny_whisper_config() -> dict:
 
 def default_config(*, vocab_size: int, labels: list[str], size: str = "base", width: int = 128,
                    conv_widths: tuple[int, ...] = (64, 128), audio_widths: tuple[int, ...] | None = None,
-                   text_width: int = 96, audio_config: dict | None = None) -> FusionConfig:
+                   text_width: int = 96, audio_config: dict | None = None, embedding_size: int | None = 64) -> FusionConfig:
     """The architecture the digits model uses: a small ConvNeXt over pixels, an audio encoder (`audio_config`, e.g.
     the converted Whisper encoder's; default a small ConvNeXt over log-mel with `audio_widths`, which default to
-    `conv_widths`), a 2-layer BERT, and a 2-layer fusion Transformer of `width`. `size="tiny"` is for tests and
-    smoke runs (its ConvNeXts are tiny; an `audio_config` is used as given)."""
+    `conv_widths`), a 2-layer BERT, a 2-layer fusion Transformer of `width` and an embedding head of
+    `embedding_size` (None: none). `size="tiny"` is for tests and smoke runs (its ConvNeXts are tiny; an
+    `audio_config` is used as given)."""
     tiny = size == "tiny"
     conv, audio = convnext_config(conv_widths), convnext_config(audio_widths or conv_widths)
     if tiny:
@@ -118,31 +121,55 @@ def default_config(*, vocab_size: int, labels: list[str], size: str = "base", wi
         num_attention_heads=4,
         intermediate_size=2 * width,
         hidden_dropout_prob=0.1,
+        embedding_size=embedding_size,
         id2label=dict(enumerate(labels)),
     )
 
 
 class FusionObjective(nn.Module):
     """The training loss: cross-entropy of the fused answer, plus that of each real (not garbage) modality of a
-    multimodal example on its own.
+    multimodal example on its own, plus, where the model has an embedding head, `contrastive` × a supervised
+    contrastive loss over every real modality's answer alone in the shared space (an image, a clip and a phrase of
+    the same label pulled together, others pushed apart), so that the space is trained with the classifier.
 
     The alone answer is the fusion layers over the summary token and that modality's tokens only, which is exactly
     what the model computes when given that modality alone. Without it, an encoder whose modality is rarely needed
-    (text usually settles a fused example) would learn mostly from the few single-modality examples. One module, so
-    that distributed training sees a single forward.
+    (text usually settles a fused example) would learn mostly from the few single-modality examples. Every answer,
+    fused or alone, is computed over the tokens its item carries only (`FusionModel.subset_summaries`: answers of the
+    same modalities share one pass), which here took a quarter off the fusion layers' work against one masked pass
+    over every slot. One module, so that distributed training sees a single forward.
     """
 
-    def __init__(self, model: FusionForClassification):
+    def __init__(self, model: FusionForClassification, *, contrastive: float = 0.5, temperature: float = 0.1):
         super().__init__()
-        self.model = model
+        self.model, self.contrastive, self.temperature = model, contrastive, temperature
 
     def forward(self, batch: dict[str, torch.Tensor], alone: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(**batch)
-        labels = batch["labels"]
-        loss = out.loss
-        for summary, rows in self.model.alone_summaries(out, rows=alone).values():
-            logits = self.model.head(summary)
-            loss = loss + F.cross_entropy(logits.float(), labels[rows], reduction="sum") / len(labels)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        states = inputs.pop("audio_encoder_states", None)
+        if states is not None:
+            inputs["audio_values"] = states
+        out = self.model.fusion.encode(inputs, precomputed={"audio": states is not None})
+        assert out.modality_spans is not None and out.modality_mask is not None
+        present = torch.stack([out.modality_mask[m] for m in out.modality_spans], dim=1).cpu()  # (B, M)
+        fused: dict[tuple[str, ...], list[int]] = {}
+        for row, flags in enumerate(present.tolist()):
+            fused.setdefault(tuple(m for m, f in zip(out.modality_spans, flags) if f), []).append(row)
+        requests = [(modalities, torch.tensor(rows)) for modalities, rows in fused.items()]
+        requests += [((m,), rows) for m in out.modality_spans if len(rows := alone[m].nonzero(as_tuple=True)[0])]
+        summaries = self.model.fusion.subset_summaries(out, requests)
+        labels = batch["labels"].to(summaries[0].device)
+        count = len(fused)
+        fused_rows = torch.cat([rows for _, rows in requests[:count]]).to(labels.device)
+        loss = F.cross_entropy(self.model.head(torch.cat(summaries[:count])).float(), labels[fused_rows])
+        for (_, rows), summary in zip(requests[count:], summaries[count:]):
+            loss = loss + F.cross_entropy(self.model.head(summary).float(), labels[rows.to(labels.device)], reduction="sum") / len(labels)
+        if self.contrastive and self.model.embedding_head is not None:
+            # Each modality's answer alone: single-modality items' fused answers (never garbage) and the alone ones.
+            single = [i for i, (modalities, _) in enumerate(requests) if len(modalities) == 1]
+            vectors = self.model.embed(torch.cat([summaries[i] for i in single]))
+            targets = torch.cat([labels[requests[i][1].to(labels.device)] for i in single])
+            loss = loss + self.contrastive * supervised_contrastive(vectors, targets, self.temperature)
         return loss
 
 
@@ -298,6 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="processes that make batches beside training (0: none)")
     parser.add_argument("--size", choices=("base", "tiny"), default="base", help="tiny: for tests and smoke runs")
     parser.add_argument("--width", type=int, default=128, help="fusion Transformer width")
     parser.add_argument("--text-width", type=int, default=96, help="text encoder width")
@@ -305,6 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--audio-widths", default=None, help="channels of each ConvNeXt stage of the audio encoder "
                         "(default: --conv-widths)")
     parser.add_argument("--image-size", type=int, default=56, help="side of the square image the model sees")
+    parser.add_argument("--embedding-size", type=int, default=64, help="width of the shared embedding space (0: no head)")
+    parser.add_argument("--contrastive", type=float, default=0.5,
+                        help="weight of the shared space's contrastive loss beside the classification losses")
     parser.add_argument("--garbage", type=float, default=Augment.garbage, help="chance of a garbage modality")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per source (smoke runs)")
     parser.add_argument("--val-speaker", default=None,
@@ -377,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
         pools, val_pools, labels = manifest_data(args, processor)
     config = default_config(vocab_size=len(tokenizer), labels=labels, size=args.size, width=args.width,
                             conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
-                            text_width=args.text_width, audio_config=audio_config)
+                            text_width=args.text_width, audio_config=audio_config, embedding_size=args.embedding_size or None)
     set_seed(args.seed)
     model = FusionForClassification(config)
     banks = {}
@@ -397,9 +428,11 @@ def main(argv: list[str] | None = None) -> dict:
     maker = ExampleMaker(pools, processor, seed=args.seed, augment=Augment(garbage=args.garbage, real_share=args.real_share),
                          **banks)
     dataset = EpochExamples(maker, args.examples_per_epoch)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                        collate_fn=lambda b: training_batch(b, processor, cached_audio=bool(banks)))
-    objective = FusionObjective(model)
+    # Workers make the next batches while the model trains (every example comes from its own seed, so the batches
+    # are the same either way). None by default: on the 2-core machine here a worker took as long as it saved.
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                        collate_fn=partial(training_batch, processor=processor, cached_audio=bool(banks)))
+    objective = FusionObjective(model, contrastive=args.contrastive)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     steps = args.epochs * math.ceil(len(dataset) / (args.batch_size * accelerator.num_processes))
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(200, steps // 10), num_training_steps=steps)

@@ -78,6 +78,41 @@ def test_mixed_subset_batch_equals_items_alone(model):
             torch.testing.assert_close(batched[i : i + 1], model(**alone).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_summaries_over_a_subset_equal_the_masked_full_pass(model):
+    """Training fuses each item over the tokens it carries only; that must be the masked full pass's answer."""
+    inputs = random_inputs(4)
+    masks = {"image_mask": torch.tensor([True, False, True, True]), "text_mask": torch.tensor([True, True, False, True]),
+             "audio_mask": torch.tensor([False, True, True, True])}
+    with torch.no_grad():
+        out = model(**inputs, **masks)
+        requests = [(("image", "text"), torch.tensor([0])), (("audio", "text"), torch.tensor([1])),
+                    (("image", "audio"), torch.tensor([2])), (("image", "text", "audio"), torch.tensor([3])),
+                    (("text",), torch.tensor([0, 1, 3])), (("image",), torch.tensor([3]))]
+        summaries = model.fusion.subset_summaries(out, requests)
+        for row in range(4):
+            torch.testing.assert_close(summaries[row], out.summary[row : row + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(summaries[4], model(**{k: v[[0, 1, 3]] for k, v in inputs.items() if k in
+                                                          ("input_ids", "attention_mask")}).summary, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(summaries[5], model(pixel_values=inputs["pixel_values"][3:]).summary, rtol=1e-5, atol=1e-5)
+
+
+def test_training_dropout_keeps_the_chance_and_the_expectation():
+    from fusion.modeling import Dropout
+
+    dropout = Dropout(0.1)
+    ones = torch.ones(64, 118, 128)
+    torch.manual_seed(0)
+    first = dropout(ones)
+    kept = (first > 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.002, kept
+    assert torch.allclose(first[first > 0], torch.tensor(1 / 0.9))
+    assert abs(first.mean().item() - 1) < 0.003
+    torch.manual_seed(0)
+    assert torch.equal(dropout(ones), first)  # seeded like every other draw
+    assert not torch.equal(dropout(ones), first)
+    assert torch.equal(dropout.eval()(ones), ones)
+
+
 def test_absent_rows_are_never_read(model):
     inputs = random_inputs(2)
     mask = torch.tensor([True, False])

@@ -98,6 +98,11 @@ def test_the_contrastive_head_aligns_clustered_states():
     assert untrained["image→audio"]["R@1"] < 0.6
     same = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]]), dim=-1)
     assert supervised_contrastive(same, torch.tensor([0, 0, 1, 1]), 0.1) < supervised_contrastive(same, torch.tensor([0, 1, 0, 1]), 0.1)
+    # An anchor alone of its label has no positive: it is left out (a training batch may hold one), not infinite.
+    cos = same @ same.T / 0.1
+    by_hand = [torch.logsumexp(cos[a, [b for b in range(4) if b != a]], 0) - cos[a, 1 - a] for a in (0, 1)]
+    torch.testing.assert_close(supervised_contrastive(same, torch.tensor([0, 0, 1, 2]), 0.1), sum(by_hand) / 2)
+    assert supervised_contrastive(same, torch.tensor([0, 1, 2, 3]), 0.1) == 0
     assert recall_at(np.eye(2), np.array([0, 1]), np.eye(2), np.array([1, 0]))["R@1"] == 0.0
 
 

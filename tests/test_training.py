@@ -135,6 +135,34 @@ def test_objective_adds_each_real_modality_alone(processor, tokenizer):
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_objective_trains_the_shared_space_with_each_modality_alone(processor, tokenizer):
+    """With an embedding head, the contrastive term is over every real modality's answer alone: the image and
+    the phrase of the first example, the phrase of the one whose image is garbage, the single phrase."""
+    from fusion.retrieval import supervised_contrastive
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = train.FusionForClassification(tiny_config(embedding_size=8, text_config={
+        "model_type": "bert", "vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64})).eval()
+    image = processor.normalize_image(torch.rand(28, 28))
+    examples = [
+        {"label": 3, "garbage": None, "image": image, "text": "three"},
+        {"label": 3, "garbage": "image", "image": image, "text": "drei"},
+        {"label": 7, "garbage": None, "text": "seven"},
+    ]
+    batch, alone = train.training_batch(examples, processor)
+    with torch.no_grad():
+        plain = train.FusionObjective(model, contrastive=0)(batch, alone)
+        total = train.FusionObjective(model, contrastive=0.5)(batch, alone)
+        single = [{"label": 3, "text": "three"}, {"label": 3, "text": "drei"}, {"label": 7, "text": "seven"},
+                  {"label": 3, "image": image}]
+        summaries = torch.cat([model(**train.collate([e], processor)).summary for e in single])
+        expected = supervised_contrastive(model.embed(summaries), torch.tensor([3, 3, 7, 3]), 0.1)
+    assert expected > 0
+    torch.testing.assert_close(total - plain, 0.5 * expected, rtol=1e-4, atol=1e-5)
+
+
 def test_mel_warp_moves_formants_and_keeps_the_shape():
     from fusion.data.examples import warp_mel
 
