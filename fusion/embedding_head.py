@@ -1,8 +1,9 @@
-"""Train a checkpoint's embedding head: the shared space in which an image, a clip and a phrase of the same class
-lie close together (`FusionPipeline.embed`, `similarity`, `index`, `search`).
+"""Fit an embedding head to a checkpoint that was trained without one: the shared space in which an image, a clip
+and a phrase of the same class lie close together (`FusionPipeline.embed`, `similarity`, `index`, `search`).
 
-    python -m fusion.embedding_head --model assets/fusion-digits --data ../shared/data [--size 64] [--steps 800]
+    python -m fusion.embedding_head --model DIR --data ../shared/data [--size 64] [--steps 800]
 
+`fusion.train` trains the head beside the classifier (its contrastive loss); this is for checkpoints without one.
 The classifier stays as it is: each modality's summary state alone (what the model computes when given only that
 modality) is computed once for the training items, frozen, and a linear head is trained on them with a supervised
 contrastive loss (InfoNCE with every item of the same class as a positive, across and within modalities) in a

