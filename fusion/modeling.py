@@ -526,7 +526,7 @@ class FusionForClassification(FusionPreTrainedModel):
         it (or, with `rows`, of the rows its (B,) bool mask picks), each from the fusion layers over the summary token
         and that modality's tokens only: exactly what the model computes when given that modality alone."""
         assert out.modality_spans is not None and out.modality_mask is not None
-        requests = []
+        requests: list[tuple[tuple[str, ...], torch.Tensor]] = []
         for modality in out.modality_spans:
             chosen = (out.modality_mask if rows is None else rows)[modality].nonzero(as_tuple=True)[0]
             if len(chosen):

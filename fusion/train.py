@@ -145,7 +145,7 @@ class FusionObjective(nn.Module):
         self.model, self.contrastive, self.temperature = model, contrastive, temperature
 
     def forward(self, batch: dict[str, torch.Tensor], alone: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs: dict[str, torch.Tensor | None] = {k: v for k, v in batch.items() if k != "labels"}
         states = inputs.pop("audio_encoder_states", None)
         if states is not None:
             inputs["audio_values"] = states
