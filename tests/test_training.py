@@ -106,16 +106,19 @@ def test_evaluate_refuses_a_folder_without_data(tiny_checkpoint, tmp_path, capsy
     assert "no evaluation data" in capsys.readouterr().err
 
 
-def test_objective_adds_each_real_modality_alone(processor, tokenizer):
-    """The alone term equals the loss of the model given only that modality; garbage and single-modality
-    examples add no alone term."""
+def tiny_model(tokenizer, **overrides) -> train.FusionForClassification:
+    """A tiny random model (eval mode, seed 0) whose text encoder reads `tokenizer`'s vocabulary."""
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)
-    model = train.FusionForClassification(tiny_config(text_config={"model_type": "bert", "vocab_size": len(tokenizer),
-                                                       "hidden_size": 32, "num_hidden_layers": 2,
-                                                       "num_attention_heads": 4, "intermediate_size": 64,
-                                                       "max_position_embeddings": 64})).eval()
+    text = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
+    return train.FusionForClassification(tiny_config(text_config=text, **overrides)).eval()
+
+
+def test_objective_adds_each_real_modality_alone(processor, tokenizer):
+    """The alone term equals the loss of the model given only that modality; garbage and single-modality
+    examples add no alone term."""
+    model = tiny_model(tokenizer)
     image = processor.normalize_image(torch.rand(28, 28))
     examples = [
         {"label": 3, "garbage": None, "image": image, "text": "three"},
@@ -139,12 +142,8 @@ def test_objective_trains_the_shared_space_with_each_modality_alone(processor, t
     """With an embedding head, the contrastive term is over every real modality's answer alone: the image and
     the phrase of the first example, the phrase of the one whose image is garbage, the single phrase."""
     from fusion.retrieval import supervised_contrastive
-    from tests.conftest import tiny_config
 
-    torch.manual_seed(0)
-    model = train.FusionForClassification(tiny_config(embedding_size=8, text_config={
-        "model_type": "bert", "vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64})).eval()
+    model = tiny_model(tokenizer, embedding_size=8)
     image = processor.normalize_image(torch.rand(28, 28))
     examples = [
         {"label": 3, "garbage": None, "image": image, "text": "three"},
