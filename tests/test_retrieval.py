@@ -20,7 +20,7 @@ CHECKPOINT = ROOT / "assets" / "fusion-digits"
 SAMPLE = ROOT / "assets" / "examples" / "sample"
 EXAMPLES = ROOT / "assets" / "examples"
 # The shipped checkpoint on the sample measured image→audio 0.975, audio→image 0.99, image→text 0.99, text→image 0.925.
-FLOORS = {"image→audio": 0.94, "audio→image": 0.95, "image→text": 0.95, "text→image": 0.88}
+FLOORS = {"image→audio": 0.95, "audio→image": 0.96, "image→text": 0.96, "text→image": 0.95}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_the_contrastive_head_aligns_clustered_states():
 @pytest.mark.slow
 def test_the_shipped_space_finds_the_same_digit_across_modalities():
     """On the shipped sample (200 images, 100 clips, 200 phrases never trained on). The model card has the held-out
-    R@k; floors here sit a few points under what the sample measured."""
+    R@k; floors here sit a few points under what the sample measured for c9 (R@1 0.98–0.99 on each pair)."""
     fp32 = FusionPipeline.from_pretrained(CHECKPOINT, precision="fp32", device="cpu")
     results = retrieval(fp32, SAMPLE)
     for pair in ("image→audio", "audio→image", "image→text", "text→image"):
