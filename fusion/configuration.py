@@ -33,6 +33,9 @@ class FusionConfig(PretrainedConfig):
         initializer_range (`float`): standard deviation of the fusion layers' initial weights.
         embedding_size (`int` or `None`): width of the shared embedding space (each modality alone, projected
             and normalised, so that inputs of any modalities compare by cosine); None: no embedding head.
+        int8_skip_modules (`list[str]`): modules, named from the model's root (e.g. `"fusion.encoders.audio"`),
+            whose layers stay in full precision when the model is loaded in 8-bit, for parts whose answers int8
+            weights move too far; empty: every eligible linear layer becomes int8.
         id2label (`dict[int, str]`): the classes; at least two.
 
     Example:
@@ -99,6 +102,7 @@ class FusionConfig(PretrainedConfig):
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     embedding_size: int | None = None
+    int8_skip_modules: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -113,6 +117,9 @@ class FusionConfig(PretrainedConfig):
         if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or isinstance(self.embedding_size, bool)
                                                 or self.embedding_size < 1):
             raise ValueError(f"FusionConfig.embedding_size must be a positive integer or None, got {self.embedding_size!r}")
+        skip = self.int8_skip_modules
+        if skip is not None and not (isinstance(skip, list) and all(isinstance(name, str) and name for name in skip)):
+            raise ValueError(f"FusionConfig.int8_skip_modules must be a list of module names, got {skip!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"FusionConfig.hidden_size ({self.hidden_size}) must be divisible by "

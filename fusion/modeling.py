@@ -7,6 +7,7 @@ E an encoder's width, F fusion width (`config.hidden_size`).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import cast
@@ -249,8 +250,19 @@ class FusionPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, and in 8-bit the encoders' layers made to take any input rank.
 
-        Checkpoints of the base model and of any head load into each other: weights named without the
-        `fusion.` prefix (checkpoints written before the heads were split off) are matched by transformers."""
+        In 8-bit, the modules the checkpoint's `int8_skip_modules` names stay in full precision unless the
+        caller's `BitsAndBytesConfig` sets `llm_int8_skip_modules` itself. Checkpoints of the base model and of
+        any head load into each other: weights named without the `fusion.` prefix (checkpoints written before
+        the heads were split off) are matched by transformers."""
+        quantization = kwargs.get("quantization_config")
+        if getattr(quantization, "load_in_8bit", False) and quantization.llm_int8_skip_modules is None and args:
+            config = kwargs.get("config")
+            if not isinstance(config, FusionConfig):
+                config = FusionConfig.from_pretrained(args[0])
+            if config.int8_skip_modules:
+                quantization = copy.deepcopy(quantization)
+                quantization.llm_int8_skip_modules = list(config.int8_skip_modules)
+                kwargs["quantization_config"] = quantization
         model = super().from_pretrained(*args, **kwargs)
         flatten_8bit_inputs(model)
         return model

@@ -54,6 +54,29 @@ def test_int8_pipeline_on_cpu_is_close_to_fp32(tiny_checkpoint, pipe, digit_imag
     assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < 0.05
 
 
+def test_checkpoint_names_the_modules_kept_out_of_int8(tiny_checkpoint, tmp_path):
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    from fusion import FusionConfig, FusionForClassification
+
+    shutil.copytree(tiny_checkpoint, tmp_path, dirs_exist_ok=True)
+    config = FusionConfig.from_pretrained(tmp_path)
+    config.int8_skip_modules = ["fusion.encoders.text"]
+    config.save_pretrained(tmp_path)
+    asked = BitsAndBytesConfig(load_in_8bit=True)
+    model = FusionForClassification.from_pretrained(tmp_path, quantization_config=asked)
+    assert asked.llm_int8_skip_modules is None  # the caller's object is not changed
+    text = [m for m in model.fusion.encoders["text"].modules() if isinstance(m, torch.nn.Linear)]
+    assert text and not any(isinstance(m, bnb.nn.Linear8bitLt) for m in text)
+    assert isinstance(model.fusion.layers[0].attention.key, bnb.nn.Linear8bitLt)
+    # A skip list the caller gives wins over the checkpoint's.
+    model = FusionForClassification.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[]))
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.fusion.encoders["text"].modules())
+    with pytest.raises(ValueError, match="int8_skip_modules must be a list of module names"):
+        FusionConfig(int8_skip_modules="fusion.encoders.text")
+
+
 def test_auto_precision_is_fp32_on_cpu(tiny_checkpoint):
     assert FusionPipeline.from_pretrained(tiny_checkpoint, precision="auto", device="cpu").precision == "fp32"
 
