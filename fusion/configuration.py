@@ -36,6 +36,8 @@ class FusionConfig(PretrainedConfig):
         int8_skip_modules (`list[str]`): modules, named from the model's root (e.g. `"fusion.encoders.audio"`),
             whose layers stay in full precision when the model is loaded in 8-bit, for parts whose answers int8
             weights move too far; empty: every eligible linear layer becomes int8.
+        pruned (`dict[str, int]`): blocks made smaller by `fusion.compress prune`: each block's module name under
+            the base model and how many attention heads or MLP channels it kept; None: nothing pruned.
         id2label (`dict[int, str]`): the classes; at least two.
 
     Example:
@@ -103,6 +105,7 @@ class FusionConfig(PretrainedConfig):
     initializer_range: float = 0.02
     embedding_size: int | None = None
     int8_skip_modules: list[str] | None = None
+    pruned: dict[str, int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -120,6 +123,9 @@ class FusionConfig(PretrainedConfig):
         skip = self.int8_skip_modules
         if skip is not None and not (isinstance(skip, list) and all(isinstance(name, str) and name for name in skip)):
             raise ValueError(f"FusionConfig.int8_skip_modules must be a list of module names, got {skip!r}")
+        if self.pruned is not None and not (isinstance(self.pruned, dict) and all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in self.pruned.items())):
+            raise ValueError(f"FusionConfig.pruned must map module names to positive unit counts, got {self.pruned!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"FusionConfig.hidden_size ({self.hidden_size}) must be divisible by "

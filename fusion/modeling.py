@@ -236,6 +236,119 @@ def flatten_8bit_inputs(model: nn.Module) -> None:
         setattr(module, "_fusion_flattened", True)
 
 
+@dataclass(frozen=True)
+class PrunableBlock:
+    """Units that can be removed together: an attention block's heads or an MLP's hidden channels.
+
+    Args:
+        path (`str`): the block's module name under the base [`FusionModel`] (`encoders.audio.encoder.layers.0.fc`
+            style; MLP blocks are named by the layer that holds them).
+        kind (`str`): `heads` or `width`.
+        inputs (`tuple[str, ...]`): the linear layers (under `path`) whose output rows make the units.
+        output (`str`): the linear layer whose input columns take them.
+        unit (`int`): rows per unit (the head size; 1 for a channel).
+        count (`int`): how many units the block has now.
+    """
+
+    path: str
+    kind: str
+    inputs: tuple[str, ...]
+    output: str
+    unit: int
+    count: int
+
+
+# Layouts of the blocks that can be pruned, found by their layers' names: attention with q/k/v/out projections
+# (Whisper, ViT, AST), BERT's self/output split, and MLPs as Whisper/ViT (fc1, fc2), BERT (intermediate, output),
+# ConvNeXt (pwconv1, pwconv2) and the fusion layers (up, down) name them. The fusion layers' attention heads are
+# not pruned: the app lets a person pick one, the same in every layer.
+_HEAD_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = ((("q_proj", "k_proj", "v_proj"), "out_proj"), (("q_proj", "k_proj", "v_proj"), "o_proj"),
+                 (("self.query", "self.key", "self.value"), "output.dense"))
+_WIDTH_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = ((("fc1",), "fc2"), (("intermediate.dense",), "output.dense"), (("pwconv1",), "pwconv2"),
+                  (("up",), "down"))
+
+
+def _head_owner(module: nn.Module) -> nn.Module:
+    """The module that holds the head count (BERT keeps it on its `self` part)."""
+    return cast(nn.Module, getattr(module, "self", module))
+
+
+def prunable_blocks(model: FusionModel) -> list[PrunableBlock]:
+    """Every block of `model`'s encoders and fusion layers whose heads or channels can be removed."""
+    blocks = []
+    for path, module in model.named_modules():
+        def linear(name: str) -> nn.Linear | None:
+            found = module.get_submodule(name) if _has_submodule(module, name) else None
+            return found if isinstance(found, nn.Linear) else None
+
+        for inputs, output in _HEAD_LAYOUTS:
+            if all(linear(n) for n in (*inputs, output)):
+                owner = _head_owner(module)
+                heads = getattr(owner, "num_heads", None) or getattr(owner, "num_attention_heads")
+                size = cast(nn.Linear, linear(inputs[0])).out_features // heads
+                blocks.append(PrunableBlock(path, "heads", inputs, output, size, heads))
+        for inputs, output in _WIDTH_LAYOUTS:
+            if all(linear(n) for n in (*inputs, output)) and not any(b.path == path for b in blocks):
+                blocks.append(PrunableBlock(path, "width", inputs, output, 1, cast(nn.Linear, linear(inputs[0])).out_features))
+    return blocks
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _sliced(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+    """A copy of `layer` with only the rows (`dim` 0, outputs) or columns (`dim` 1, inputs) in `keep`."""
+    weight = layer.weight.detach().index_select(dim, keep.to(layer.weight.device))
+    sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        sliced.weight.copy_(weight)
+        if layer.bias is not None:
+            bias = layer.bias.detach()
+            cast(torch.Tensor, sliced.bias).copy_(bias.index_select(0, keep.to(bias.device)) if dim == 0 else bias)
+    return sliced
+
+
+def prune_block(model: FusionModel, block: PrunableBlock, keep: list[int]) -> None:
+    """Keep only the units `keep` (indices into the block's current units) of `block`, in their order; the
+    removed units' weights are gone, and `model.config.pruned` records the new count."""
+    if not keep or len(set(keep)) != len(keep) or not all(0 <= k < block.count for k in keep):
+        raise ValueError(f"{block.path}: keep must be distinct unit indices in 0..{block.count - 1}, got {keep}")
+    module = model.get_submodule(block.path)
+    rows = torch.tensor([k * block.unit + r for k in keep for r in range(block.unit)])
+    for name in block.inputs:
+        parent, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(parent) if parent else module
+        setattr(owner, leaf, _sliced(cast(nn.Linear, owner.get_submodule(leaf)), rows, 0))
+    parent, _, leaf = block.output.rpartition(".")
+    owner = module.get_submodule(parent) if parent else module
+    setattr(owner, leaf, _sliced(cast(nn.Linear, owner.get_submodule(leaf)), rows, 1))
+    if block.kind == "heads":
+        heads = _head_owner(module)
+        for name in ("num_heads", "num_attention_heads"):
+            if hasattr(heads, name):
+                setattr(heads, name, len(keep))
+        if hasattr(heads, "all_head_size"):
+            setattr(heads, "all_head_size", len(keep) * block.unit)
+    model.config.pruned = {**(model.config.pruned or {}), block.path: len(keep)}
+
+
+def _apply_pruned_sizes(model: FusionModel) -> None:
+    """Give the blocks that `config.pruned` names their kept sizes, so that a pruned checkpoint's weights fit."""
+    wanted = dict(model.config.pruned or {})
+    blocks = {b.path: b for b in prunable_blocks(model)}
+    unknown = sorted(set(wanted) - set(blocks))
+    if unknown:
+        raise ValueError(f"FusionConfig.pruned names blocks this model does not have: {unknown}")
+    for path, count in wanted.items():
+        if count != blocks[path].count:
+            prune_block(model, blocks[path], list(range(count)))
+
+
 class FusionPreTrainedModel(PreTrainedModel):
     config: FusionConfig
     config_class = FusionConfig
@@ -332,6 +445,7 @@ class FusionModel(FusionPreTrainedModel):
         self.summary_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.layers = nn.ModuleList([FusionLayer(config) for _ in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        _apply_pruned_sizes(self)
         self.post_init()
 
     def encoder_of(self, modality: str) -> ModalityEncoder:

@@ -1,0 +1,119 @@
+"""Structured pruning on tiny random models: what is removed, what the pruned model computes, how it loads."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion import FusionForClassification, FusionPipeline
+from fusion.compress import choose, importance, main, prune
+from fusion.modeling import prunable_blocks
+from fusion.train import convnext_config, tiny_whisper_config
+
+from .conftest import tiny_config
+
+SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "sample"
+
+
+@pytest.fixture()
+def speech_model():
+    """Every prunable layout at once: ConvNeXt image MLPs, BERT heads and MLPs, Whisper heads and MLP, fusion MLPs."""
+    torch.manual_seed(0)
+    config = tiny_config(audio_config=tiny_whisper_config(), image_config=convnext_config((8, 16), depth=1))
+    return FusionForClassification(config).eval()
+
+
+def speech_inputs(batch: int = 3, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.randn(batch, 1, 28, 28, generator=generator),
+        "input_ids": torch.randint(5, 300, (batch, 7), generator=generator),
+        "attention_mask": torch.ones(batch, 7, dtype=torch.long),
+        "audio_values": torch.randn(batch, 80, 100, generator=generator),
+    }
+
+
+def test_every_layout_is_found(speech_model):
+    kinds = {(b.path.split(".")[1] if b.path.startswith("encoders") else "fusion", b.kind) for b in prunable_blocks(speech_model.fusion)}
+    assert kinds == {("image", "width"), ("text", "heads"), ("text", "width"), ("audio", "heads"), ("audio", "width"),
+                     ("fusion", "width")}
+
+
+def test_pruned_model_equals_the_original_with_the_units_masked(speech_model, tmp_path):
+    blocks = prunable_blocks(speech_model.fusion)
+    # Remove head 0 of every attention block and every odd channel of every MLP.
+    plan = {b.path: list(range(1, b.count)) if b.kind == "heads" else list(range(0, b.count, 2)) for b in blocks}
+    masked = copy.deepcopy(speech_model)
+    for block in blocks:
+        removed = [u for u in range(block.count) if u not in plan[block.path]]
+        columns = [u * block.unit + r for u in removed for r in range(block.unit)]
+        with torch.no_grad():
+            masked.fusion.get_submodule(block.path).get_submodule(block.output).weight[:, columns] = 0
+    pruned = copy.deepcopy(speech_model)
+    prune(pruned, plan)
+
+    inputs = speech_inputs()
+    with torch.no_grad():
+        expected, got = masked(**inputs).logits, pruned(**inputs).logits
+        original = speech_model(**inputs).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert not torch.allclose(original, expected, atol=1e-3)  # the masking changed the answer: a real test
+
+    attention = pruned.fusion.encoders["audio"].encoder.layers[0].self_attn
+    assert attention.q_proj.out_features == attention.k_proj.out_features == 8 and attention.num_heads == 1
+    assert attention.out_proj.in_features == 8
+    bert = pruned.fusion.encoders["text"].encoder.encoder.layer[0].attention
+    assert bert.self.query.out_features == 24 and bert.self.num_attention_heads == 3 and bert.self.all_head_size == 24
+    assert pruned.fusion.layers[0].mlp.up.out_features == 32
+    assert pruned.config.pruned == {b.path: len(plan[b.path]) for b in blocks}
+    removed = 0
+    for block in blocks:
+        module = speech_model.fusion.get_submodule(block.path)
+        per_row = sum(module.get_submodule(n).in_features + (module.get_submodule(n).bias is not None) for n in block.inputs)
+        per_row += module.get_submodule(block.output).out_features
+        removed += (block.count - len(plan[block.path])) * block.unit * per_row
+    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in speech_model.parameters()) - removed
+
+    # The checkpoint rebuilds its own sizes, in fp32 and in 8-bit.
+    pruned.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["pruned"] == pruned.config.pruned
+    reloaded = FusionForClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, got, atol=1e-6)
+    from transformers import BitsAndBytesConfig
+
+    int8 = FusionForClassification.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    with torch.no_grad():
+        assert torch.allclose(int8(**inputs).logits.float(), got, atol=0.1)
+
+
+def test_a_silenced_unit_scores_zero_and_is_the_first_to_go(speech_model):
+    block = next(b for b in prunable_blocks(speech_model.fusion) if b.path.endswith("attention") and "text" in b.path)
+    output = speech_model.fusion.get_submodule(block.path).get_submodule(block.output)
+    with torch.no_grad():
+        output.weight[:, block.unit : 2 * block.unit] = 0  # head 1 reaches nothing
+    batches = [dict(speech_inputs(seed=s), labels=torch.tensor([1, 4, 7])) for s in range(2)]
+    frozen = speech_model.fusion.encoders["audio"].requires_grad_(False)
+    scores = importance(speech_model, batches, [block])[block.path]
+    assert scores.shape == (4,) and scores[1] == 0 and (scores[[0, 2, 3]] > 0).all()
+    assert not any(p.requires_grad for p in frozen.parameters())  # the flags come back
+    plan = choose([block], {block.path: scores}, heads=3, width=None)
+    assert plan == {block.path: [0, 2, 3]}
+    with pytest.raises(ValueError, match="--width must be in"):
+        choose([block], {block.path: scores}, heads=None, width=1.5)
+
+
+def test_prune_command_writes_a_checkpoint_that_answers_and_explains(tiny_checkpoint, tmp_path, tone):
+    out = tmp_path / "pruned"
+    report = main(["prune", "--model", str(tiny_checkpoint), "--out", str(out), "--data", str(SAMPLE),
+                   "--heads", "2", "--width", "0.5", "--items", "40", "--json"])
+    assert report["parameters"]["after"] < report["parameters"]["before"] and report["importance_items"] == 40
+    assert json.loads((out / "pruning.json").read_text())["kept"] == report["kept"]
+    assert report["kept"]["encoders.text.encoder.encoder.layer.0.attention"] == "2/4"
+    pipe = FusionPipeline.from_pretrained(out, precision="fp32", device="cpu")
+    prediction = pipe(text="seven", audio=tone, explain=True)
+    assert prediction.label in pipe.labels and sum(prediction.modality_shares.values()) == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="nothing to prune"):
+        main(["prune", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "same"), "--data", str(SAMPLE), "--items", "8"])
