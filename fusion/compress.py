@@ -1,7 +1,8 @@
-"""Make a checkpoint smaller and faster: structured pruning of attention heads and MLP channels.
+"""Make a checkpoint smaller and faster: structured pruning of attention heads and MLP channels, distillation
+into a smaller student, and a table of what each version costs and keeps.
 
     python -m fusion.compress prune --model DIR --out DIR --data DIR [--heads K] [--width F] [--only PREFIX ...]
-                                    [--items N] [--json]
+                                    [--items N] [--finetune-epochs N --train-data DIR [fusion.train options]] [--json]
 
 `--data` is a folder in the evaluate layout (`mnist/`, `fsdd/`, `text.tsv`; any of them) whose items measure how
 much each head and channel matters: the first-order estimate of the loss change when a unit is removed,
@@ -10,6 +11,22 @@ much each head and channel matters: the first-order estimate of the loss change 
 Every attention block of the encoders keeps its `--heads` most important heads, every MLP its `--width` share of
 channels; `--only` limits both to blocks whose name starts with a prefix (`encoders.audio`). The pruned
 checkpoint records its sizes in `config.json` (`pruned`) and loads with `from_pretrained` in every precision.
+With `--finetune-epochs`, `fusion.train --init OUT` then trains it further on `--train-data` (the training
+layout), with any other options passed on to it (`--lr 5e-4`, `--cache DIR`, ...); a Whisper encoder stays frozen.
+
+    python -m fusion.compress distill --teacher DIR --out DIR (--data DIR | --manifest FILE) [--config small|JSON]
+                                      [--epochs N] [fusion.train options]
+
+trains a student with `fusion.train --teacher`: each answer, fused or one modality alone, learns the teacher's
+temperature-scaled answer (`--distill` of the loss, default half) beside the label. The student reads the teacher's
+processor and shares a Whisper teacher's frozen encoder; `--config small` halves the other widths (fusion 64, text
+48, image ConvNeXt 32/64), a JSON object sets `width`, `text_width`, `conv_widths` and `embedding_size` itself.
+
+    python -m fusion.compress table --model DIR [DIR ...] --data DIR [--precision fp32 int8] [--repeats N] [--json]
+
+measures each checkpoint in each precision on this machine: parameters, file size, memory footprint, p50 latency
+of one three-modality prediction plain and explained (as `fusion.bench` times it), and accuracy on `--data` (the
+evaluate layout) for every modality subset.
 """
 
 from __future__ import annotations
@@ -28,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.examples import collate
-from .evaluate import load_pools, paired_examples
+from .evaluate import evaluate, load_pools, paired_examples
 from .modalities import SUBSET_KEYS
 from .modeling import (
     FusionForClassification,
@@ -168,8 +185,75 @@ def prune_command(args: argparse.Namespace) -> dict:
         "parameters": {"before": before, "after": parameter_count(model)},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if args.finetune_epochs:
+        from . import train
+
+        summary = train.main(["--init", str(out), "--data", args.train_data, "--out", str(out),
+                              "--epochs", str(args.finetune_epochs), *args.train_options])
+        report["finetune"] = {"epochs": args.finetune_epochs, "options": args.train_options,
+                              "losses": [entry["loss"] for entry in summary["history"]], "seconds": summary["seconds"]}
     (out / "pruning.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def measure(model: str | Path, data: str | Path, *, precision: str, repeats: int = 30) -> dict:
+    """One row of the table: what `model` costs in `precision` on this machine and what it answers on `data`."""
+    from .bench import ITEM, percentiles, timed
+
+    pipeline = FusionPipeline.from_pretrained(model, precision=precision, device="cpu")
+    accuracy = evaluate(pipeline, data, garbage=False)
+    return {
+        "model": str(model), "precision": precision, "parameters": parameter_count(pipeline.model),
+        "file_mb": round((Path(model) / "model.safetensors").stat().st_size / 2**20, 2),
+        "footprint_mb": round(pipeline.model.get_memory_footprint() / 2**20, 2),
+        "plain_ms": percentiles(timed(lambda: pipeline(**ITEM), repeats))["p50_ms"],
+        "explained_ms": percentiles(timed(lambda: pipeline(**ITEM, explain=True), repeats))["p50_ms"],
+        "accuracy": {key: round(100 * value, 2) for key, value in accuracy.items() if key != "n"},
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = [key for key in SUBSET_KEYS if all(key in row["accuracy"] for row in rows)]
+    lines = ["| model | precision | parameters | file | footprint | plain p50 | explained p50 | " + " | ".join(keys) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append(f"| {Path(row['model']).name} | {row['precision']} | {row['parameters'] / 1e6:.2f} M | {row['file_mb']} MB | "
+                     f"{row['footprint_mb']} MB | {row['plain_ms']} ms | {row['explained_ms']} ms | "
+                     + " | ".join(f"{row['accuracy'][key]:.2f}" for key in keys) + " |")
+    return "\n".join(lines)
+
+
+STUDENT_PRESETS = {"small": {"width": 64, "text_width": 48, "conv_widths": [32, 64]}}
+STUDENT_SIZES = ("width", "text_width", "conv_widths", "embedding_size")
+
+
+def student_options(config: str | None) -> list[str]:
+    """`fusion.train` options for a student's sizes: a preset name or a JSON object of `STUDENT_SIZES`."""
+    if not config:
+        return []
+    if config in STUDENT_PRESETS:
+        sizes = STUDENT_PRESETS[config]
+    else:
+        try:
+            sizes = json.loads(Path(config).read_text() if Path(config).is_file() else config)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config must be {' or '.join(STUDENT_PRESETS)} or a JSON object, got {config!r} ({error.msg})") from None
+        if not isinstance(sizes, dict) or set(sizes) - set(STUDENT_SIZES):
+            raise ValueError(f"--config JSON must be an object with keys among {', '.join(STUDENT_SIZES)}, got {config!r}")
+    options = []
+    for key, value in sizes.items():
+        options += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return options
+
+
+def distill_command(args: argparse.Namespace) -> dict:
+    from . import train
+
+    source = ["--data", args.data] if args.data else ["--manifest", args.manifest]
+    summary = train.main(["--teacher", args.teacher, "--out", args.out, *source, "--epochs", str(args.epochs),
+                          *student_options(args.config), *args.train_options])
+    return {"teacher": args.teacher, "out": args.out, "config": args.config, "epochs": args.epochs,
+            "losses": [entry["loss"] for entry in summary["history"]], "seconds": summary["seconds"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -183,18 +267,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pruning.add_argument("--width", type=float, default=None, help="share of each MLP's channels kept, in (0, 1]")
     pruning.add_argument("--only", nargs="+", default=None, help="prune only blocks whose names start with these")
     pruning.add_argument("--items", type=int, default=512, help="examples importance is measured on")
+    pruning.add_argument("--finetune-epochs", type=int, default=0, help="then train the pruned model this many epochs")
+    pruning.add_argument("--train-data", default=None, help="training data for --finetune-epochs (fusion.train --data)")
     pruning.add_argument("--device", default="cpu")
     pruning.add_argument("--json", action="store_true", help="print the report as JSON")
-    return parser.parse_args(argv)
+    distill = commands.add_parser("distill", help="train a smaller student from a teacher's answers")
+    distill.add_argument("--teacher", required=True, help="checkpoint folder of the teacher")
+    distill.add_argument("--out", required=True, help="folder for the student checkpoint")
+    source = distill.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="the digits task's data (fusion.train --data)")
+    source.add_argument("--manifest", help="CSV or JSONL manifest (fusion.train --manifest)")
+    distill.add_argument("--config", default=None, help="student sizes: 'small' or a JSON object (or file) of "
+                         + ", ".join(STUDENT_SIZES) + "; default fusion.train's")
+    distill.add_argument("--epochs", type=int, default=16)
+    table = commands.add_parser("table", help="measure checkpoints: size, footprint, latency, accuracy per subset")
+    table.add_argument("--model", nargs="+", required=True, help="checkpoint folders")
+    table.add_argument("--data", required=True, help="folder in the evaluate layout (held-out data)")
+    table.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "fp16", "bf16"])
+    table.add_argument("--repeats", type=int, default=30, help="timed predictions per latency")
+    table.add_argument("--json", action="store_true", help="print the rows as JSON instead of a Markdown table")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command == "table" or (args.command == "prune" and rest and not args.finetune_epochs):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "prune" and args.finetune_epochs and not args.train_data:
+        parser.error("--finetune-epochs needs --train-data (the data fusion.train reads)")
+    args.train_options = rest
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.command == "table":
+        rows = [measure(model, args.data, precision=precision, repeats=args.repeats)
+                for model in args.model for precision in args.precision]
+        print(json.dumps(rows) if args.json else markdown(rows))
+        return {"rows": rows}
     try:
-        report = prune_command(args)
+        report = distill_command(args) if args.command == "distill" else prune_command(args)
     except ValueError as error:
         raise SystemExit(f"fusion.compress: {error}") from None
-    print(json.dumps(report, indent=None if args.json else 1))
+    print(json.dumps(report, indent=None if getattr(args, "json", False) else 1))
     return report
 
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .configuration import FusionConfig
 from .data import phrases
-from .data.audio_bank import audio_bank, encode_waves, garbage_waves
+from .data.audio_bank import (
+    audio_bank,
+    encode_waves,
+    encoder_fingerprint,
+    garbage_waves,
+)
 from .data.examples import Augment, ExampleMaker, Pools, collate, image_pool, wave_pool
 from .data.sources import (
     HELD_OUT_SPEAKER,
@@ -134,7 +139,8 @@ class FusionObjective(nn.Module):
     """The training loss: cross-entropy of the fused answer, plus that of each real (not garbage) modality of a
     multimodal example on its own, plus, where the model has an embedding head, `contrastive` × a supervised
     contrastive loss over every real modality's answer alone in the shared space (an image, a clip and a phrase of
-    the same label pulled together, others pushed apart), so that the space is trained with the classifier.
+    the same label pulled together, others pushed apart), so that the space is trained with the classifier. With a
+    `teacher` (distillation), every answer, fused or alone, also learns the teacher's answer to the same inputs.
 
     The alone answer is the fusion layers over the summary token and that modality's tokens only, which is exactly
     what the model computes when given that modality alone. Without it, an encoder whose modality is rarely needed
@@ -145,10 +151,26 @@ class FusionObjective(nn.Module):
     """
 
     def __init__(self, model: FusionForClassification, *, contrastive: float = 0.5, temperature: float = 0.1,
-                 audio_states: bool = False):
+                 audio_states: bool = False, teacher: FusionForClassification | None = None, distill: float = 0.5,
+                 distill_temperature: float = 2.0):
         super().__init__()
         self.model, self.contrastive, self.temperature = model, contrastive, temperature
         self.audio_states = audio_states  # the batches' audio is the frozen encoder's cached output
+        # Kept out of the module tree: the teacher is neither trained, nor saved, nor wrapped for distribution.
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        self.distill, self.distill_temperature = distill, distill_temperature
+
+    def answer_loss(self, summary: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        """Summed over rows: cross-entropy with the labels and, with a teacher, `distill` of it replaced by the
+        temperature-scaled KL divergence from the teacher's answer (× T², so its gradients keep their scale)."""
+        logits = self.model.head(summary).float()
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        if teacher is None:
+            return loss
+        t = self.distill_temperature
+        kl = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1), log_target=True,
+                      reduction="sum")
+        return (1 - self.distill) * loss + self.distill * t * t * kl
 
     def forward(self, batch: dict[str, torch.Tensor], alone: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs: dict[str, torch.Tensor | None] = {k: v for k, v in batch.items() if k != "labels"}
@@ -161,12 +183,19 @@ class FusionObjective(nn.Module):
         requests = [(modalities, torch.tensor(rows)) for modalities, rows in fused.items()]
         requests += [((m,), rows) for m in out.modality_spans if len(rows := alone[m].nonzero(as_tuple=True)[0])]
         summaries = self.model.fusion.subset_summaries(out, requests)
+        taught: list[torch.Tensor | None] = [None] * len(requests)
+        if self._teacher:  # the teacher's answers to the same questions: each item fused, and each modality alone
+            teacher = self._teacher[0]
+            with torch.no_grad():
+                answers = teacher.fusion.subset_summaries(teacher.fusion.encode(inputs, precomputed={"audio": self.audio_states}), requests)
+                taught = [teacher.head(summary) for summary in answers]
         labels = batch["labels"].to(summaries[0].device)
         count = len(fused)
-        fused_rows = torch.cat([rows for _, rows in requests[:count]]).to(labels.device)
-        loss = F.cross_entropy(self.model.head(torch.cat(summaries[:count])).float(), labels[fused_rows])
-        for (_, rows), summary in zip(requests[count:], summaries[count:]):
-            loss = loss + F.cross_entropy(self.model.head(summary).float(), labels[rows.to(labels.device)], reduction="sum") / len(labels)
+        fused_rows = torch.cat([rows for _, rows in requests[:count]]).to(labels.device)  # every row once
+        fused_taught = None if taught[0] is None else torch.cat(cast(list[torch.Tensor], taught[:count]))
+        loss = self.answer_loss(torch.cat(summaries[:count]), labels[fused_rows], fused_taught) / len(labels)
+        for (_, rows), summary, answer in zip(requests[count:], summaries[count:], taught[count:]):
+            loss = loss + self.answer_loss(summary, labels[rows.to(labels.device)], answer) / len(labels)
         if self.contrastive and self.model.embedding_head is not None:
             # Each modality's answer alone: single-modality items' fused answers (never garbage) and the alone ones.
             single = [i for i, (modalities, _) in enumerate(requests) if len(modalities) == 1]
@@ -319,6 +348,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="folder with mnist/ and fsdd/ (the digits task)")
     parser.add_argument("--manifest", help="CSV or JSONL with image, audio, text, label columns")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--init", default=None, help="start from this checkpoint (its weights, sizes and processor) "
+                        "instead of a new model: fine-tuning, e.g. after pruning; a Whisper encoder stays frozen")
+    parser.add_argument("--teacher", default=None, help="distil from this checkpoint: the new model learns its "
+                        "answers beside the labels and uses its processor (and its frozen Whisper encoder, if any)")
+    parser.add_argument("--distill", type=float, default=0.5, help="share of each answer's loss that is the KL "
+                        "divergence from the teacher (the rest is cross-entropy with the label)")
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="temperature of the distillation KL")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--examples-per-epoch", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -381,21 +417,41 @@ def main(argv: list[str] | None = None) -> dict:
     log = accelerator.print
     started = time.perf_counter()
 
-    rng = random.Random(args.seed)
-    corpus = phrases.corpus(rng, count=20000)
-    manifest_texts = [r.text for r in read_manifest(args.manifest) if r.text] if args.manifest else []
-    tokenizer = build_tokenizer(corpus + manifest_texts, vocab_size=1000)
-    settings = ProcessorSettings()
-    settings.image.size, settings.image.ink_box = args.image_size, round(args.image_size * 20 / 28)
     whisper_state, audio_config = None, None
-    if args.audio_encoder == "whisper":
-        settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
-        if args.size == "tiny":
-            audio_config = tiny_whisper_config()
+    teacher = None
+    if args.teacher:
+        # Distillation: the student reads the teacher's processor (the same token ids and features) and, with a
+        # Whisper teacher, starts from the same frozen Whisper, so the cached audio states serve both.
+        teacher = FusionForClassification.from_pretrained(args.teacher)
+        processor = FusionProcessor.from_pretrained(args.teacher)
+        audio_config = teacher.config.modality_config("audio").to_dict()
+        if audio_config["model_type"] == "whisper":
+            args.audio_encoder = "whisper"
+            whisper_state = teacher.fusion.encoder_of("audio").encoder.state_dict()
+        elif args.audio_encoder == "whisper":
+            raise SystemExit(f"--teacher {args.teacher} has no Whisper audio encoder; add --audio-encoder convnext")
         else:
-            whisper, whisper_state = convert(layers=args.whisper_layers, seconds=settings.audio.duration)
-            audio_config = whisper.to_dict()
-    processor = FusionProcessor(tokenizer, settings)
+            audio_config = None
+    elif args.init:
+        # Fine-tuning (after pruning, say): the checkpoint brings its processor and architecture.
+        processor = FusionProcessor.from_pretrained(args.init)
+        init_config = FusionConfig.from_pretrained(args.init)
+        args.audio_encoder = "whisper" if init_config.modality_config("audio").model_type == "whisper" else "convnext"
+    else:
+        rng = random.Random(args.seed)
+        corpus = phrases.corpus(rng, count=20000)
+        manifest_texts = [r.text for r in read_manifest(args.manifest) if r.text] if args.manifest else []
+        tokenizer = build_tokenizer(corpus + manifest_texts, vocab_size=1000)
+        settings = ProcessorSettings()
+        settings.image.size, settings.image.ink_box = args.image_size, round(args.image_size * 20 / 28)
+        if args.audio_encoder == "whisper":
+            settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
+            if args.size == "tiny":
+                audio_config = tiny_whisper_config()
+            else:
+                whisper, whisper_state = convert(layers=args.whisper_layers, seconds=settings.audio.duration)
+                audio_config = whisper.to_dict()
+        processor = FusionProcessor(tokenizer, settings)
 
     heldout_dir: Path | None = None
     if args.data:
@@ -405,17 +461,27 @@ def main(argv: list[str] | None = None) -> dict:
         write_heldout(args.data, heldout_dir, limit=args.limit, speaker=args.heldout_speaker)
     else:
         pools, val_pools, labels = manifest_data(args, processor)
-    config = default_config(vocab_size=len(tokenizer), labels=labels, size=args.size, width=args.width,
-                            conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
-                            text_width=args.text_width, audio_config=audio_config, embedding_size=args.embedding_size or None)
     set_seed(args.seed)
-    model = FusionForClassification(config)
+    if teacher is not None and teacher.config.class_names != list(labels):
+        raise SystemExit(f"--teacher {args.teacher} has the labels {teacher.config.class_names}, the data {list(labels)}")
+    if args.init:
+        model = FusionForClassification.from_pretrained(args.init)
+        if model.config.class_names != list(labels):
+            raise SystemExit(f"--init {args.init} has the labels {model.config.class_names}, the data {list(labels)}")
+    else:
+        config = default_config(vocab_size=len(processor.tokenizer), labels=labels, size=args.size, width=args.width,
+                                conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
+                                text_width=args.text_width, audio_config=audio_config, embedding_size=args.embedding_size or None)
+        model = FusionForClassification(config)
     banks = {}
     if args.audio_encoder == "whisper":
         speech = model.fusion.encoder_of("audio")
-        if whisper_state is not None:
+        if whisper_state is not None and not args.init:
             speech.encoder.load_state_dict(whisper_state)
         speech.encoder.requires_grad_(False)
+        if teacher is not None and encoder_fingerprint(speech.encoder) != encoder_fingerprint(teacher.fusion.encoder_of("audio").encoder):
+            raise SystemExit("the teacher and the student must share their frozen Whisper encoder (its cached states "
+                             "feed both); this --init checkpoint's differs (pruned?)")
         if pools.waves or pools.synthetic_waves:
             banks = frozen_audio_banks(speech, processor, pools, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -431,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
     # are the same either way). None by default: on the 2-core machine here a worker took as long as it saved.
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=partial(training_batch, processor=processor))
-    objective = FusionObjective(model, contrastive=args.contrastive, audio_states=bool(banks))
+    objective = FusionObjective(model, contrastive=args.contrastive, audio_states=bool(banks), teacher=teacher,
+                                distill=args.distill, distill_temperature=args.distill_temperature)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     steps = args.epochs * math.ceil(len(dataset) / (args.batch_size * accelerator.num_processes))
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(200, steps // 10), num_training_steps=steps)
@@ -471,6 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     accelerator.wait_for_everyone()
     summary = {"epochs": args.epochs, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
+               "teacher": args.teacher, "init": args.init,
                "val": f"speaker {args.val_speaker}, training images set aside, validation-template phrases"
                if args.val_speaker else "the held-out test data" if heldout_dir else "10% of the manifest",
                "history": history}

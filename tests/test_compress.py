@@ -12,7 +12,7 @@ from fusion.compress import choose, importance, main, prune
 from fusion.modeling import prunable_blocks
 from fusion.train import convnext_config, tiny_whisper_config
 
-from .conftest import tiny_config
+from .conftest import random_inputs, tiny_config
 
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "sample"
 
@@ -105,15 +105,47 @@ def test_a_silenced_unit_scores_zero_and_is_the_first_to_go(speech_model):
         choose([block], {block.path: scores}, heads=None, width=1.5)
 
 
-def test_prune_command_writes_a_checkpoint_that_answers_and_explains(tiny_checkpoint, tmp_path, tone):
+def test_prune_command_fine_tunes_and_writes_a_checkpoint_that_answers_and_explains(tiny_checkpoint, tmp_path, tone):
     out = tmp_path / "pruned"
     report = main(["prune", "--model", str(tiny_checkpoint), "--out", str(out), "--data", str(SAMPLE),
-                   "--heads", "2", "--width", "0.5", "--items", "40", "--json"])
+                   "--heads", "2", "--width", "0.5", "--items", "40", "--json",
+                   "--finetune-epochs", "1", "--train-data", str(SAMPLE),
+                   "--examples-per-epoch", "64", "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "0",
+                   "--no-final-eval"])
     assert report["parameters"]["after"] < report["parameters"]["before"] and report["importance_items"] == 40
+    assert len(report["finetune"]["losses"]) == 1 and (out / "training_log.json").is_file()
     assert json.loads((out / "pruning.json").read_text())["kept"] == report["kept"]
     assert report["kept"]["encoders.text.encoder.encoder.layer.0.attention"] == "2/4"
     pipe = FusionPipeline.from_pretrained(out, precision="fp32", device="cpu")
     prediction = pipe(text="seven", audio=tone, explain=True)
     assert prediction.label in pipe.labels and sum(prediction.modality_shares.values()) == pytest.approx(1.0)
+    assert json.loads((out / "config.json").read_text())["pruned"]  # fine-tuning kept the pruned sizes
+    rows = main(["table", "--model", str(tiny_checkpoint), str(out), "--data", str(SAMPLE), "--precision", "fp32",
+                 "--repeats", "2", "--json"])["rows"]
+    assert [row["parameters"] for row in rows] == [report["parameters"]["before"], report["parameters"]["after"]]
+    assert all(set(row["accuracy"]) >= {"image", "audio", "text", "image+audio+text"} and row["explained_ms"] > 0 for row in rows)
     with pytest.raises(SystemExit, match="nothing to prune"):
         main(["prune", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "same"), "--data", str(SAMPLE), "--items", "8"])
+
+
+def test_distillation_brings_the_student_closer_to_its_teacher(tiny_checkpoint, tmp_path):
+    """The same student trained on the same examples, once from the labels alone and once from the teacher's answers
+    alone: the distilled one ends nearer the teacher (KL on inputs it never saw)."""
+    common = ["--data", str(SAMPLE), "--epochs", "2", "--examples-per-epoch", "128", "--size", "tiny",
+              "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "0", "--no-final-eval",
+              "--audio-encoder", "convnext", "--lr", "3e-3"]
+    for name, share in (("labels", "0"), ("taught", "1")):
+        report = main(["distill", "--teacher", str(tiny_checkpoint), "--out", str(tmp_path / name), *common, "--distill", share])
+        assert len(report["losses"]) == 2
+    teacher = FusionForClassification.from_pretrained(tiny_checkpoint).eval()
+    inputs = {k: v for k, v in random_inputs(16, seed=3).items()}
+    divergence = {}
+    with torch.no_grad():
+        target = teacher(**inputs).logits.log_softmax(-1)
+        for name in ("labels", "taught"):
+            student = FusionForClassification.from_pretrained(tmp_path / name).eval()
+            divergence[name] = float(torch.nn.functional.kl_div(student(**inputs).logits.log_softmax(-1), target,
+                                                                log_target=True, reduction="batchmean"))
+    assert divergence["taught"] < 0.5 * divergence["labels"], divergence
+    with pytest.raises(SystemExit, match="--config must be small or a JSON object"):
+        main(["distill", "--teacher", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *common, "--config", "huge"])
