@@ -19,7 +19,8 @@ layout), with any other options passed on to it (`--lr 5e-4`, `--cache DIR`, ...
 
 trains a student with `fusion.train --teacher`: each answer, fused or one modality alone, learns the teacher's
 temperature-scaled answer (`--distill` of the loss, default half) beside the label. The student reads the teacher's
-processor and shares a Whisper teacher's frozen encoder; `--config small` halves the other widths (fusion 64, text
+processor and shares a Whisper teacher's frozen encoder (or, with `--audio-encoder convnext`, trains its own over
+the same log-mel while the teacher hears the raw clips); `--config small` halves the other widths (fusion 64, text
 48, image ConvNeXt 32/64), a JSON object sets `width`, `text_width`, `conv_widths` and `embedding_size` itself.
 
     python -m fusion.compress table --model DIR [DIR ...] --data DIR [--precision fp32 int8] [--repeats N] [--json]

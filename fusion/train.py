@@ -425,12 +425,11 @@ def main(argv: list[str] | None = None) -> dict:
         teacher = FusionForClassification.from_pretrained(args.teacher)
         processor = FusionProcessor.from_pretrained(args.teacher)
         audio_config = teacher.config.modality_config("audio").to_dict()
-        if audio_config["model_type"] == "whisper":
-            args.audio_encoder = "whisper"
+        if audio_config["model_type"] == "whisper" and args.audio_encoder == "whisper":
             whisper_state = teacher.fusion.encoder_of("audio").encoder.state_dict()
         elif args.audio_encoder == "whisper":
             raise SystemExit(f"--teacher {args.teacher} has no Whisper audio encoder; add --audio-encoder convnext")
-        else:
+        else:  # a student with its own ConvNeXt over the teacher's log-mel; the teacher hears the raw clips
             audio_config = None
     elif args.init:
         # Fine-tuning (after pruning, say): the checkpoint brings its processor and architecture.

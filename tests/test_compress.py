@@ -149,3 +149,25 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tiny_checkpoint, 
     assert divergence["taught"] < 0.5 * divergence["labels"], divergence
     with pytest.raises(SystemExit, match="--config must be small or a JSON object"):
         main(["distill", "--teacher", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *common, "--config", "huge"])
+
+
+def test_a_whisper_teacher_teaches_a_student_with_its_own_audio_encoder(tokenizer, tmp_path):
+    """The student trains a ConvNeXt over the teacher's log-mel; the teacher hears the same raw clips."""
+    from fusion.feature_extraction import AudioSettings
+    from fusion.processing import FusionProcessor, ProcessorSettings
+    from fusion.speech import WHISPER_AUDIO_SETTINGS
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    config = tiny_config(audio_config=tiny_whisper_config(), text_config=dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer)))
+    FusionForClassification(config).save_pretrained(teacher)
+    settings = ProcessorSettings()
+    settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
+    FusionProcessor(tokenizer, settings).save_pretrained(teacher)
+    main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "student"), "--data", str(SAMPLE), "--epochs", "1",
+          "--examples-per-epoch", "32", "--size", "tiny", "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "0",
+          "--no-final-eval", "--audio-encoder", "convnext"])
+    student = FusionPipeline.from_pretrained(tmp_path / "student", precision="fp32", device="cpu")
+    assert student.model.config.modality_config("audio").model_type == "convnext"
+    assert student.processor.settings.audio.num_mel_bins == 80
+    assert student(audio=str(SAMPLE / "fsdd" / sorted(p.name for p in (SAMPLE / "fsdd").iterdir())[0])).label in student.labels
