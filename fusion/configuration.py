@@ -33,9 +33,9 @@ class FusionConfig(PretrainedConfig):
         initializer_range (`float`): standard deviation of the fusion layers' initial weights.
         embedding_size (`int` or `None`): width of the shared embedding space (each modality alone, projected
             and normalised, so that inputs of any modalities compare by cosine); None: no embedding head.
-        int8_skip_modules (`list[str]`): modules, named from the model's root (e.g. `"fusion.encoders.audio"`),
-            whose layers stay in full precision when the model is loaded in 8-bit, for parts whose answers int8
-            weights move too far; empty: every eligible linear layer becomes int8.
+        int8_skip_modules (`list[str]`): modules, named under the base model as `pruned` is (e.g.
+            `"encoders.audio"`), whose layers stay in full precision when the model is loaded in 8-bit, for parts
+            whose answers int8 weights move too far; None: every eligible linear layer becomes int8.
         pruned (`dict[str, int]`): blocks made smaller by `fusion.compress prune`: each block's module name under
             the base model and how many attention heads or MLP channels it kept; None: nothing pruned.
         id2label (`dict[int, str]`): the classes; at least two.

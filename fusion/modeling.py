@@ -371,10 +371,12 @@ class FusionPreTrainedModel(PreTrainedModel):
         if getattr(quantization, "load_in_8bit", False) and quantization.llm_int8_skip_modules is None and args:
             config = kwargs.get("config")
             if not isinstance(config, FusionConfig):
-                config = FusionConfig.from_pretrained(args[0])
+                config = kwargs["config"] = FusionConfig.from_pretrained(args[0])  # read once, passed on
             if config.int8_skip_modules:
+                # The names are under the base model; a head model holds it as `fusion`.
+                prefix = "" if issubclass(cls, FusionModel) else f"{cls.base_model_prefix}."
                 quantization = copy.deepcopy(quantization)
-                quantization.llm_int8_skip_modules = list(config.int8_skip_modules)
+                quantization.llm_int8_skip_modules = [prefix + name for name in config.int8_skip_modules]
                 kwargs["quantization_config"] = quantization
         model = super().from_pretrained(*args, **kwargs)
         flatten_8bit_inputs(model)

@@ -58,11 +58,11 @@ def test_checkpoint_names_the_modules_kept_out_of_int8(tiny_checkpoint, tmp_path
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig
 
-    from fusion import FusionConfig, FusionForClassification
+    from fusion import FusionConfig, FusionForClassification, FusionModel
 
     shutil.copytree(tiny_checkpoint, tmp_path, dirs_exist_ok=True)
     config = FusionConfig.from_pretrained(tmp_path)
-    config.int8_skip_modules = ["fusion.encoders.text"]
+    config.int8_skip_modules = ["encoders.text"]
     config.save_pretrained(tmp_path)
     asked = BitsAndBytesConfig(load_in_8bit=True)
     model = FusionForClassification.from_pretrained(tmp_path, quantization_config=asked)
@@ -74,7 +74,11 @@ def test_checkpoint_names_the_modules_kept_out_of_int8(tiny_checkpoint, tmp_path
     model = FusionForClassification.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[]))
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.fusion.encoders["text"].modules())
     with pytest.raises(ValueError, match="int8_skip_modules must be a list of module names"):
-        FusionConfig(int8_skip_modules="fusion.encoders.text")
+        FusionConfig(int8_skip_modules="encoders.text")
+    # The base model reads the same names (they are under it).
+    base = FusionModel.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in base.encoders["text"].modules())
+    assert isinstance(base.layers[0].attention.key, bnb.nn.Linear8bitLt)
 
 
 def test_auto_precision_is_fp32_on_cpu(tiny_checkpoint):
