@@ -159,16 +159,13 @@ def prune(model: FusionForClassification, plan: dict[str, list[int]]) -> None:
         prune_block(base, blocks[path], keep)
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def prune_command(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     pipeline = FusionPipeline.from_pretrained(args.model, precision="fp32", device=args.device)
     model = pipeline.model
-    before = parameter_count(model)
+    before = model.num_parameters()
     blocks = prunable_blocks(model.fusion)
+    counts = {block.path: block.count for block in blocks}
     batches = importance_batches(pipeline, args.data, items=args.items)
     scores = importance(model, batches, blocks)
     plan = choose(blocks, scores, heads=args.heads, width=args.width, only=args.only)
@@ -182,8 +179,8 @@ def prune_command(args: argparse.Namespace) -> dict:
     report = {
         "model": str(args.model), "out": str(out), "heads": args.heads, "width": args.width, "only": args.only,
         "importance_items": sum(len(b["labels"]) for b in batches), "blocks_pruned": len(plan),
-        "kept": {path: f"{len(keep)}/{next(b.count for b in blocks if b.path == path)}" for path, keep in plan.items()},
-        "parameters": {"before": before, "after": parameter_count(model)},
+        "kept": {path: f"{len(keep)}/{counts[path]}" for path, keep in plan.items()},
+        "parameters": {"before": before, "after": model.num_parameters()},
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.finetune_epochs:
@@ -204,7 +201,7 @@ def measure(model: str | Path, data: str | Path, *, precision: str, repeats: int
     pipeline = FusionPipeline.from_pretrained(model, precision=precision, device="cpu")
     accuracy = evaluate(pipeline, data, garbage=False)
     return {
-        "model": str(model), "precision": precision, "parameters": parameter_count(pipeline.model),
+        "model": str(model), "precision": precision, "parameters": pipeline.model.num_parameters(),
         "file_mb": round((Path(model) / "model.safetensors").stat().st_size / 2**20, 2),
         "footprint_mb": round(pipeline.model.get_memory_footprint() / 2**20, 2),
         "plain_ms": percentiles(timed(lambda: pipeline(**ITEM), repeats))["p50_ms"],
@@ -215,11 +212,11 @@ def measure(model: str | Path, data: str | Path, *, precision: str, repeats: int
 
 def markdown(rows: list[dict]) -> str:
     keys = [key for key in SUBSET_KEYS if all(key in row["accuracy"] for row in rows)]
-    lines = ["| model | precision | parameters | file | footprint | plain p50 | explained p50 | " + " | ".join(keys) + " |",
+    lines = ["| model | precision | parameters | file (MiB) | footprint (MiB) | plain p50 | explained p50 | " + " | ".join(keys) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(keys)]
     for row in rows:
-        lines.append(f"| {Path(row['model']).name} | {row['precision']} | {row['parameters'] / 1e6:.2f} M | {row['file_mb']} MB | "
-                     f"{row['footprint_mb']} MB | {row['plain_ms']} ms | {row['explained_ms']} ms | "
+        lines.append(f"| {Path(row['model']).name} | {row['precision']} | {row['parameters'] / 1e6:.2f} M | {row['file_mb']} | "
+                     f"{row['footprint_mb']} | {row['plain_ms']} ms | {row['explained_ms']} ms | "
                      + " | ".join(f"{row['accuracy'][key]:.2f}" for key in keys) + " |")
     return "\n".join(lines)
 
@@ -288,7 +285,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     table.add_argument("--repeats", type=int, default=30, help="timed predictions per latency")
     table.add_argument("--json", action="store_true", help="print the rows as JSON instead of a Markdown table")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command == "table" or (args.command == "prune" and rest and not args.finetune_epochs):
+    passes_on = args.command == "distill" or (args.command == "prune" and args.finetune_epochs)  # to fusion.train
+    if rest and not passes_on:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "prune" and args.finetune_epochs and not args.train_data:
         parser.error("--finetune-epochs needs --train-data (the data fusion.train reads)")

@@ -241,8 +241,9 @@ class PrunableBlock:
     """Units that can be removed together: an attention block's heads or an MLP's hidden channels.
 
     Args:
-        path (`str`): the block's module name under the base [`FusionModel`] (`encoders.audio.encoder.layers.0.fc`
-            style; MLP blocks are named by the layer that holds them).
+        path (`str`): the block's module name under the base [`FusionModel`]: the attention module for heads
+            (`encoders.audio.encoder.layers.0.self_attn`), the layer or MLP that holds both linear layers for
+            channels (`encoders.audio.encoder.layers.0`, `layers.0.mlp`).
         kind (`str`): `heads` or `width`.
         inputs (`tuple[str, ...]`): the linear layers (under `path`) whose output rows make the units.
         output (`str`): the linear layer whose input columns take them.
@@ -262,10 +263,15 @@ class PrunableBlock:
 # (Whisper, ViT, AST), BERT's self/output split, and MLPs as Whisper/ViT (fc1, fc2), BERT (intermediate, output),
 # ConvNeXt (pwconv1, pwconv2) and the fusion layers (up, down) name them. The fusion layers' attention heads are
 # not pruned: the app lets a person pick one, the same in every layer.
-_HEAD_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = ((("q_proj", "k_proj", "v_proj"), "out_proj"), (("q_proj", "k_proj", "v_proj"), "o_proj"),
-                 (("self.query", "self.key", "self.value"), "output.dense"))
-_WIDTH_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = ((("fc1",), "fc2"), (("intermediate.dense",), "output.dense"), (("pwconv1",), "pwconv2"),
-                  (("up",), "down"))
+_LAYOUTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("heads", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ("heads", ("q_proj", "k_proj", "v_proj"), "o_proj"),
+    ("heads", ("self.query", "self.key", "self.value"), "output.dense"),
+    ("width", ("fc1",), "fc2"),
+    ("width", ("intermediate.dense",), "output.dense"),
+    ("width", ("pwconv1",), "pwconv2"),
+    ("width", ("up",), "down"),
+)
 
 
 def _head_owner(module: nn.Module) -> nn.Module:
@@ -273,32 +279,31 @@ def _head_owner(module: nn.Module) -> nn.Module:
     return cast(nn.Module, getattr(module, "self", module))
 
 
+def _linear(module: nn.Module, name: str) -> nn.Linear | None:
+    try:
+        found = module.get_submodule(name)
+    except AttributeError:
+        return None
+    return found if isinstance(found, nn.Linear) else None
+
+
 def prunable_blocks(model: FusionModel) -> list[PrunableBlock]:
-    """Every block of `model`'s encoders and fusion layers whose heads or channels can be removed."""
+    """Every block of `model`'s encoders and fusion layers whose heads or channels can be removed (one per module:
+    the first layout that fits it)."""
     blocks = []
     for path, module in model.named_modules():
-        def linear(name: str) -> nn.Linear | None:
-            found = module.get_submodule(name) if _has_submodule(module, name) else None
-            return found if isinstance(found, nn.Linear) else None
-
-        for inputs, output in _HEAD_LAYOUTS:
-            if all(linear(n) for n in (*inputs, output)):
+        for kind, inputs, output in _LAYOUTS:
+            first = _linear(module, inputs[0])
+            if first is None or not all(_linear(module, name) for name in (*inputs[1:], output)):
+                continue
+            if kind == "heads":
                 owner = _head_owner(module)
                 heads = getattr(owner, "num_heads", None) or getattr(owner, "num_attention_heads")
-                size = cast(nn.Linear, linear(inputs[0])).out_features // heads
-                blocks.append(PrunableBlock(path, "heads", inputs, output, size, heads))
-        for inputs, output in _WIDTH_LAYOUTS:
-            if all(linear(n) for n in (*inputs, output)) and not any(b.path == path for b in blocks):
-                blocks.append(PrunableBlock(path, "width", inputs, output, 1, cast(nn.Linear, linear(inputs[0])).out_features))
+                blocks.append(PrunableBlock(path, kind, inputs, output, first.out_features // heads, heads))
+            else:
+                blocks.append(PrunableBlock(path, kind, inputs, output, 1, first.out_features))
+            break
     return blocks
-
-
-def _has_submodule(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _sliced(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
@@ -320,13 +325,10 @@ def prune_block(model: FusionModel, block: PrunableBlock, keep: list[int]) -> No
         raise ValueError(f"{block.path}: keep must be distinct unit indices in 0..{block.count - 1}, got {keep}")
     module = model.get_submodule(block.path)
     rows = torch.tensor([k * block.unit + r for k in keep for r in range(block.unit)])
-    for name in block.inputs:
+    for name, dim in [(name, 0) for name in block.inputs] + [(block.output, 1)]:
         parent, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(parent) if parent else module
-        setattr(owner, leaf, _sliced(cast(nn.Linear, owner.get_submodule(leaf)), rows, 0))
-    parent, _, leaf = block.output.rpartition(".")
-    owner = module.get_submodule(parent) if parent else module
-    setattr(owner, leaf, _sliced(cast(nn.Linear, owner.get_submodule(leaf)), rows, 1))
+        owner = module.get_submodule(parent)  # "" is the module itself
+        setattr(owner, leaf, _sliced(cast(nn.Linear, owner.get_submodule(leaf)), rows, dim))
     if block.kind == "heads":
         heads = _head_owner(module)
         for name in ("num_heads", "num_attention_heads"):
@@ -340,6 +342,8 @@ def prune_block(model: FusionModel, block: PrunableBlock, keep: list[int]) -> No
 def _apply_pruned_sizes(model: FusionModel) -> None:
     """Give the blocks that `config.pruned` names their kept sizes, so that a pruned checkpoint's weights fit."""
     wanted = dict(model.config.pruned or {})
+    if not wanted:
+        return
     blocks = {b.path: b for b in prunable_blocks(model)}
     unknown = sorted(set(wanted) - set(blocks))
     if unknown:
