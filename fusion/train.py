@@ -147,7 +147,8 @@ class FusionObjective(nn.Module):
     (text usually settles a fused example) would learn mostly from the few single-modality examples. Every answer,
     fused or alone, is computed over the tokens its item carries only (`FusionModel.subset_summaries`: answers of the
     same modalities share one pass); for the digits task's mix of subsets that is about a quarter fewer token rows
-    than one masked pass over every slot (estimated from the subset weights: ~8,500 against ~11,400 a batch of 64). One module, so that distributed training sees a single forward.
+    than one masked pass over every slot (estimated from the subset weights: ~8,500 against ~11,400 a batch of 64).
+    One module, so that distributed training sees a single forward.
     """
 
     def __init__(self, model: FusionForClassification, *, contrastive: float = 0.5, temperature: float = 0.1,
@@ -422,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher:
         # Distillation: the student reads the teacher's processor (the same token ids and features) and, with a
         # Whisper teacher, starts from the same frozen Whisper, so the cached audio states serve both.
-        teacher = FusionForClassification.from_pretrained(args.teacher)
+        # The teacher stays outside the prepared module tree, so it is put on the training device here.
+        teacher = FusionForClassification.from_pretrained(args.teacher).to(accelerator.device)
         processor = FusionProcessor.from_pretrained(args.teacher)
         audio_config = teacher.config.modality_config("audio").to_dict()
         if audio_config["model_type"] == "whisper" and args.audio_encoder == "whisper":
@@ -434,8 +436,6 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.init:
         # Fine-tuning (after pruning, say): the checkpoint brings its processor and architecture.
         processor = FusionProcessor.from_pretrained(args.init)
-        init_config = FusionConfig.from_pretrained(args.init)
-        args.audio_encoder = "whisper" if init_config.modality_config("audio").model_type == "whisper" else "convnext"
     else:
         rng = random.Random(args.seed)
         corpus = phrases.corpus(rng, count=20000)
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 text_width=args.text_width, audio_config=audio_config, embedding_size=args.embedding_size or None)
         model = FusionForClassification(config)
     banks = {}
-    if args.audio_encoder == "whisper":
+    if model.config.modality_config("audio").model_type == "whisper":  # with --init, whatever the checkpoint has
         speech = model.fusion.encoder_of("audio")
         if whisper_state is not None and not args.init:
             speech.encoder.load_state_dict(whisper_state)
