@@ -31,6 +31,13 @@ def tiny_config(**overrides) -> FusionConfig:
     return FusionConfig(**settings)
 
 
+def tiny_model(tokenizer, **overrides) -> FusionForClassification:
+    """A tiny random model (eval mode, seed 0) whose text encoder reads `tokenizer`'s vocabulary."""
+    torch.manual_seed(0)
+    text = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
+    return FusionForClassification(tiny_config(text_config=text, **overrides)).eval()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer(phrases.corpus(random.Random(0), count=500), vocab_size=300)
@@ -50,9 +57,8 @@ def model():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tokenizer, processor):
     """A saved random tiny model with its processor: a self-describing checkpoint folder."""
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    FusionForClassification(tiny_config(text_config=dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer)))).save_pretrained(folder)
+    tiny_model(tokenizer).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

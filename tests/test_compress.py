@@ -12,7 +12,7 @@ from fusion.compress import choose, importance, main, prune
 from fusion.modeling import prunable_blocks
 from fusion.train import convnext_config, tiny_whisper_config
 
-from .conftest import random_inputs, tiny_config
+from .conftest import random_inputs, tiny_config, tiny_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "sample"
 
@@ -138,7 +138,7 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tiny_checkpoint, 
         report = main(["distill", "--teacher", str(tiny_checkpoint), "--out", str(tmp_path / name), *common, "--distill", share])
         assert len(report["losses"]) == 2
     teacher = FusionForClassification.from_pretrained(tiny_checkpoint).eval()
-    inputs = {k: v for k, v in random_inputs(16, seed=3).items()}
+    inputs = random_inputs(16, seed=3)
     divergence = {}
     with torch.no_grad():
         target = teacher(**inputs).logits.log_softmax(-1)
@@ -157,10 +157,8 @@ def test_a_whisper_teacher_teaches_a_student_with_its_own_audio_encoder(tokenize
     from fusion.processing import FusionProcessor, ProcessorSettings
     from fusion.speech import WHISPER_AUDIO_SETTINGS
 
-    torch.manual_seed(0)
     teacher = tmp_path / "teacher"
-    config = tiny_config(audio_config=tiny_whisper_config(), text_config=dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer)))
-    FusionForClassification(config).save_pretrained(teacher)
+    tiny_model(tokenizer, audio_config=tiny_whisper_config()).save_pretrained(teacher)
     settings = ProcessorSettings()
     settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
     FusionProcessor(tokenizer, settings).save_pretrained(teacher)

@@ -18,6 +18,8 @@ from fusion import evaluate as evaluate_cli
 from fusion.data.examples import collate
 from fusion.data.sources import list_fsdd, load_mnist, load_phrases
 
+from .conftest import tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "assets" / "examples" / "sample"
 TINY = ["--size", "tiny", "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "100"]
@@ -104,15 +106,6 @@ def test_evaluate_json_has_every_subset_and_counts(tiny_checkpoint, capsys):
 def test_evaluate_refuses_a_folder_without_data(tiny_checkpoint, tmp_path, capsys):
     assert evaluate_cli.main(["--model", str(tiny_checkpoint), "--data", str(tmp_path)]) == 1
     assert "no evaluation data" in capsys.readouterr().err
-
-
-def tiny_model(tokenizer, **overrides) -> train.FusionForClassification:
-    """A tiny random model (eval mode, seed 0) whose text encoder reads `tokenizer`'s vocabulary."""
-    from tests.conftest import tiny_config
-
-    torch.manual_seed(0)
-    text = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
-    return train.FusionForClassification(tiny_config(text_config=text, **overrides)).eval()
 
 
 def test_objective_adds_each_real_modality_alone(processor, tokenizer):
