@@ -37,14 +37,17 @@ class FusionAttention(nn.Module):
         self.dropout = config.attention_dropout
 
     def forward(
-        self, hidden: torch.Tensor, *, key_mask: torch.Tensor, output_attentions: bool
+        self, hidden: torch.Tensor, *, key_mask: torch.Tensor, output_attentions: bool, queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, length, width = hidden.shape
+        """Every token attends to the allowed keys; with `queries`, only the first `queries` tokens ask (their
+        outputs are all that is returned), which is all a last layer that feeds only the summary token needs."""
+        batch, _, width = hidden.shape
+        asking = hidden if queries is None else hidden[:, :queries]
 
         def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+            return x.view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
-        query, key, value = heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden))
+        query, key, value = heads(self.query(asking)), heads(self.key(hidden)), heads(self.value(hidden))
         allowed = key_mask[:, None, None, :]  # (B, 1, 1, N): True where a key may be attended to
         dropout = self.dropout if self.training else 0.0
         if output_attentions:
@@ -56,7 +59,7 @@ class FusionAttention(nn.Module):
         else:
             weights = None
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(batch, length, width)  # (B, N, F)
+        context = context.transpose(1, 2).reshape(batch, asking.shape[1], width)  # (B, N, F)
         return self.output(context), weights
 
 
@@ -98,10 +101,12 @@ class FusionLayer(nn.Module):
         self.mlp = FusionMLP(config)
 
     def forward(
-        self, hidden: torch.Tensor, *, key_mask: torch.Tensor, output_attentions: bool
+        self, hidden: torch.Tensor, *, key_mask: torch.Tensor, output_attentions: bool, queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(self.attention_norm(hidden), key_mask=key_mask, output_attentions=output_attentions)
-        hidden = hidden + self.dropout(attended)
+        """The layer's output for every token, or for the first `queries` tokens only (see `FusionAttention`)."""
+        attended, weights = self.attention(self.attention_norm(hidden), key_mask=key_mask,
+                                           output_attentions=output_attentions, queries=queries)
+        hidden = (hidden if queries is None else hidden[:, :queries]) + self.dropout(attended)
         return hidden + self.mlp(self.mlp_norm(hidden)), weights
 
 
@@ -562,17 +567,21 @@ class FusionModel(FusionPreTrainedModel):
         )
 
     def fuse(
-        self, encoded: torch.Tensor, token_mask: torch.Tensor, *, output_attentions: bool = False
+        self, encoded: torch.Tensor, token_mask: torch.Tensor, *, output_attentions: bool = False,
+        summary_only: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The fusion layers over already encoded tokens (B, N, F) with their mask (B, N).
 
         Masking a modality's tokens here gives exactly the answer without that modality, since the encoders
         never see each other: explanations and training use this to score subsets of modalities cheaply.
         Returns the final-normed states (B, N, F), token 0 the summary, and the fusion attentions (when asked).
+        `summary_only` returns (B, 1, F): the last layer then works out the summary token alone, since nothing after
+        it reads the others (the same numbers, for about a third less work with two layers).
         """
         hidden, attentions = encoded, []
-        for layer in self.layers:
-            hidden, weights = layer(hidden, key_mask=token_mask, output_attentions=output_attentions)
+        for index, layer in enumerate(self.layers):
+            queries = 1 if summary_only and index == len(self.layers) - 1 else None
+            hidden, weights = layer(hidden, key_mask=token_mask, output_attentions=output_attentions, queries=queries)
             if output_attentions:
                 attentions.append(weights)
         return self.final_norm(hidden), attentions
@@ -594,7 +603,7 @@ class FusionModel(FusionPreTrainedModel):
             keep = torch.cat([torch.zeros(1, dtype=torch.long)] + [torch.arange(*out.modality_spans[m]) for m in modalities])
             rows = torch.cat([requests[i][1] for i in indices]).to(device)
             keep = keep.to(device)
-            hidden, _ = self.fuse(out.encoded[rows][:, keep], out.token_mask[rows][:, keep])
+            hidden, _ = self.fuse(out.encoded[rows][:, keep], out.token_mask[rows][:, keep], summary_only=True)
             for i, summary in zip(indices, hidden[:, 0].split([len(requests[i][1]) for i in indices])):
                 results[i] = summary
         return cast(list[torch.Tensor], results)  # every request belongs to one group

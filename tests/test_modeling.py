@@ -96,6 +96,18 @@ def test_summaries_over_a_subset_equal_the_masked_full_pass(model):
         torch.testing.assert_close(summaries[5], model(pixel_values=inputs["pixel_values"][3:]).summary, rtol=1e-5, atol=1e-5)
 
 
+def test_summary_only_fusion_equals_the_full_pass_at_the_summary(model):
+    """Counterfactuals and training read only the summary token, so the last layer works out that token alone."""
+    with torch.no_grad():
+        out = model(**random_inputs(3))
+        mask = out.token_mask.clone()
+        mask[1, out.modality_spans["audio"][0] :] = False
+        full, _ = model.fusion.fuse(out.encoded, mask)
+        alone, _ = model.fusion.fuse(out.encoded, mask, summary_only=True)
+    assert alone.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(alone[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
+
+
 def test_training_dropout_keeps_the_chance_and_the_expectation():
     from fusion.modeling import Dropout
 
