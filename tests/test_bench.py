@@ -18,7 +18,7 @@ def test_quick_benchmark_measures_every_stage_precision_and_the_app(capsys):
     assert report["int8_over_fp32_footprint"] < 1
     assert report["memory"]["requests"] == 10
     served, floor = report["app"]["app"], report["app"]["floor"]
-    assert served["cold_start_s"] > 0 and served["4_clients"]["errors"] == 0 and served["4_clients"]["requests_per_s"] > 0
+    assert served["started_together"] and served["cold_start_s"] > 0 and served["4_clients"]["errors"] == 0 and served["4_clients"]["requests_per_s"] > 0
     # server time apart from client time: the app's own stages, and its process's CPU per request
     stages = served["one_client"]["server_stages"]
     assert {"pipeline", "draw", "save", "total"} <= set(stages["cpu_ms"]) and stages["wall_ms"]["pipeline"] > 0
