@@ -504,8 +504,14 @@ def main(argv: list[str] | None = None) -> dict:
     objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
 
     pipeline = FusionPipeline(accelerator.unwrap_model(objective).model, processor, precision="fp32", name=Path(args.out).name)
+    # Validation after every `eval_every` epochs and the last. Without a validation split it reads the held-out
+    # data, which the final evaluation reports in full, so the last epoch leaves it to that.
+    final_covers_last = val_pools is None and heldout_dir is not None and args.final_eval
+    validated = {epoch for epoch in range(1, args.epochs + 1)
+                 if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.epochs)}
+    validated -= {args.epochs} if final_covers_last else set()
     eval_pools = None
-    if args.eval_every:
+    if validated:
         if val_pools is not None:
             eval_pools = validation_pools(val_pools, pipeline)
         else:
@@ -529,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         entry: dict[str, Any] = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
                                  "seconds": round(time.perf_counter() - started, 1)}
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+        if epoch + 1 in validated:
             if accelerator.is_main_process and eval_pools is not None:
                 entry["val"] = validate(pipeline, eval_pools)
         history.append(entry)
