@@ -1,17 +1,25 @@
 """Shared fixtures: tiny random configs and a tokenizer trained in the test session (nothing downloaded)."""
 
+import os
 import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fusion import FusionConfig, FusionForClassification
+from fusion.bench import free_port
 from fusion.data import phrases
 from fusion.processing import FusionProcessor
 from fusion.tokenization import build_tokenizer
 
 LABELS = {i: str(i) for i in range(10)}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides) -> FusionConfig:
@@ -61,6 +69,35 @@ def tiny_checkpoint(tmp_path_factory, tokenizer, processor):
     tiny_model(tokenizer).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def launch_app(checkpoint, *extra, env=None) -> tuple[subprocess.Popen, str]:
+    """`app.py` serving `checkpoint` in a subprocess on a free port, once it accepts connections: (process, URL)."""
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
+    process = subprocess.Popen([sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port), *extra],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, f"http://127.0.0.1:{port}/"
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(process.stdout.read().decode())
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the app did not start within 120 s")
+
+
+@pytest.fixture(scope="session")
+def shipped_app():
+    """The app serving the shipped checkpoint in fp32, started once for the tests that talk to a running app
+    (gradio_client and the browser journeys)."""
+    process, url = launch_app(ROOT / "assets" / "fusion-digits", "--precision", "fp32")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
 
 
 def random_inputs(batch: int = 3, *, text_length: int = 7, seed: int = 0) -> dict:

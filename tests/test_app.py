@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ from PIL import Image
 
 import app
 from fusion import FusionInputError, FusionPipeline
-from fusion.bench import free_port
 from fusion.render import SCALE_WIDTH, SPECTROGRAM_HEIGHT, notice
+
+from .conftest import launch_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,30 +209,9 @@ def test_port_from_the_environment(monkeypatch):
     assert app.parse_args([]).port == 9123
 
 
-def _launch(checkpoint, *extra, env=None):
-    port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
-    process = subprocess.Popen([sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port), *extra],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return process, f"http://127.0.0.1:{port}/"
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(process.stdout.read().decode())
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the app did not start within 120 s")
-
-
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    process, url = _launch(tiny_checkpoint)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+def server(shipped_app):
+    return shipped_app
 
 
 @pytest.mark.slow
@@ -319,7 +298,7 @@ def test_a_guarded_app_refuses_strangers_turns_a_full_queue_away_and_cleans_up_o
 
     temp, gradio_temp = tmp_path / "tmp", tmp_path / "gradio"
     temp.mkdir(), gradio_temp.mkdir()
-    process, url = _launch(tiny_checkpoint, "--auth", "ann:secret", "--queue-size", "1", "--concurrency", "1",
+    process, url = launch_app(tiny_checkpoint, "--auth", "ann:secret", "--queue-size", "1", "--concurrency", "1",
                            env={"TMPDIR": str(temp), "GRADIO_TEMP_DIR": str(gradio_temp)})
     try:
         with pytest.raises(AuthenticationError, match="credentials were not provided"):

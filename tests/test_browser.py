@@ -9,8 +9,6 @@ import pytest
 
 from fusion.render import SCALE_WIDTH
 
-from .test_app import _launch
-
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -24,11 +22,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def url():
-    process, address = _launch(ROOT / "assets" / "fusion-digits", "--precision", "fp32")
-    yield address
-    process.terminate()
-    process.wait(timeout=30)
+def url(shipped_app):
+    return shipped_app
 
 
 @pytest.fixture(scope="module")
