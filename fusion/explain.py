@@ -402,7 +402,7 @@ def explain_item(
         if name == "image":
             explanation.image_heatmap = image_to_given(heat_map, info["image_geometry"])
             explanation.image_token_heatmap = image_to_given(token_level, info["image_geometry"])
-        else:
+        elif name == "audio":  # another grid modality's map is in `input_heatmaps` only
             explanation.audio_heatmap = heat_map
             explanation.audio_spectrogram = values.numpy()
             explanation.audio_times = info["audio_start"] + np.arange(values.shape[-1]) * frame_seconds
