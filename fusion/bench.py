@@ -11,6 +11,7 @@ started in a subprocess, its cold start and the latency of 1 client and of 16 co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -246,7 +247,7 @@ def through_the_app(model: str, *, requests: int, clients: tuple[int, ...] = (1,
     `together` starts both servers at once and measures them one after the other (for CI: it saves one cold
     start; each cold-start time then includes the other server's start, and the report says so)."""
     app = app or ROOT / "app.py"
-    with tempfile.TemporaryDirectory(prefix="fusion-bench-") as work:
+    with tempfile.TemporaryDirectory(prefix="fusion-bench-") as work, _client_temp(Path(work)):
         report: dict = {}
         servers = {"app": [sys.executable, str(app), "--model", model]}
         if floor:
@@ -291,6 +292,18 @@ def through_the_app(model: str, *, requests: int, clients: tuple[int, ...] = (1,
                 if server.process.poll() is None:
                     server.stop()
         return report
+
+
+@contextlib.contextmanager
+def _client_temp(folder: Path):
+    """gradio_client downloads each file through a new folder in the system's temporary folder and leaves that
+    folder behind, empty: one per file, about 100 for a quick bench. Point the temporary folder at `folder` meanwhile."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
 
 
 def serve_floor(model: str, port: int, app_file: Path) -> None:

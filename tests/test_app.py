@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -209,20 +210,30 @@ def test_port_from_the_environment(monkeypatch):
     assert app.parse_args([]).port == 9123
 
 
+@pytest.fixture()
+def client_temp(tmp_path, monkeypatch):
+    """gradio_client downloads each file through a new folder in the system's temporary folder and leaves that
+    folder there, empty; the tests point the temporary folder at their own, where its downloads also go."""
+    folder = tmp_path / "client"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def server(shipped_app):
     return shipped_app
 
 
 @pytest.mark.slow
-def test_running_app_answers_through_gradio_client(server, tmp_path, tone):
+def test_running_app_answers_through_gradio_client(server, tmp_path, tone, client_temp):
     from gradio_client import Client, handle_file
 
     image = np.full((120, 90), 255, dtype=np.uint8)
     image[20:100, 40:52] = 0
     Image.fromarray(image).save(tmp_path / "one.png")
     soundfile.write(tmp_path / "tone.flac", tone[1], tone[0])
-    client = Client(server, verbose=False)
+    client = Client(server, verbose=False, download_files=str(client_temp))
     assert "/predict" in client.view_api(return_format="dict")["named_endpoints"]
     result = client.predict({"background": handle_file(str(tmp_path / "one.png")), "layers": [], "composite": None},
                             "eins", handle_file(str(tmp_path / "tone.flac")), "relevance", 0.5, "average", "average",
@@ -260,7 +271,7 @@ def test_a_server_path_in_a_request_is_refused(server):
 
 
 @pytest.mark.slow
-def test_identical_concurrent_requests_all_get_whole_pictures(server):
+def test_identical_concurrent_requests_all_get_whole_pictures(server, client_temp):
     """Gradio rewrites the cached file of an output array in place, so identical answers served at once could
     arrive truncated; the app returns files it wrote itself instead. The race is timing-dependent: this catches it
     often, not always (the benchmark's 16 × 20 identical requests saw it 11 times before the fix)."""
@@ -269,7 +280,7 @@ def test_identical_concurrent_requests_all_get_whole_pictures(server):
     from gradio_client import Client
 
     def ask(_):
-        client = Client(server, verbose=False)
+        client = Client(server, verbose=False, download_files=str(client_temp))
         results = []
         for _ in range(3):
             labels, image, spectrogram, words, *_, attention, download = client.predict(
@@ -286,7 +297,8 @@ def test_identical_concurrent_requests_all_get_whole_pictures(server):
 
 
 @pytest.mark.slow
-def test_a_guarded_app_refuses_strangers_turns_a_full_queue_away_and_cleans_up_on_sigterm(tiny_checkpoint, tmp_path):
+def test_a_guarded_app_refuses_strangers_turns_a_full_queue_away_and_cleans_up_on_sigterm(tiny_checkpoint, tmp_path,
+                                                                                          client_temp):
     """One app started as a careful host would (a password, a queue of one, one worker), checked in turn: a
     stranger and a wrong password are refused, a full queue turns requests away at once, and SIGTERM from a
     process manager stops it with the answer folders and Gradio's cached files gone. (One start instead of three
