@@ -138,24 +138,20 @@ def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
 
 
 def attention_matrix(attentions: list[torch.Tensor], spans: dict[str, tuple[int, int]], token_mask: torch.Tensor) -> np.ndarray:
-    """(L, H, 4, 4): mean over a group's real query tokens of the attention mass they give each key group."""
+    """(L, H, 4, 4): mean over a group's real query tokens of the attention mass they give each key group (zero rows
+    and columns for groups the item lacks)."""
     groups = {"summary": (0, 1), **spans}
-    layers, heads = len(attentions), attentions[0].shape[0]
-    matrix = np.zeros((layers, heads, len(GROUPS), len(GROUPS)), dtype=np.float32)
-    for layer, attention in enumerate(attentions):
-        for row, query in enumerate(GROUPS):
-            if query not in groups:
-                continue
-            q0, q1 = groups[query]
-            real = token_mask[q0:q1]
-            if not real.any():
-                continue
-            for column, key in enumerate(GROUPS):
-                if key in groups:
-                    k0, k1 = groups[key]
-                    mass = attention[:, q0:q1, k0:k1].sum(dim=-1)[:, real].mean(dim=-1)  # (H,)
-                    matrix[layer, :, row, column] = mass.numpy()
-    return matrix
+    size = attentions[0].shape[-1]
+    keys = torch.zeros(size, len(GROUPS))  # (N, G): which group each key belongs to
+    queries = torch.zeros(len(GROUPS), size)  # (G, N): each group's real queries, weighted to average
+    for index, name in enumerate(GROUPS):
+        if name in groups:
+            start, end = groups[name]
+            keys[start:end, index] = 1.0
+            real = token_mask[start:end].float()
+            queries[index, start:end] = real / real.sum().clamp(min=1.0)
+    stacked = torch.stack(attentions).float()  # (L, H, N, N)
+    return (queries @ (stacked @ keys)).numpy().astype(np.float32)  # (L, H, G, G)
 
 
 def shapley_values(values: dict[frozenset, float], players: list[str], empty: float) -> dict[str, float]:
