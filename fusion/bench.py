@@ -247,46 +247,21 @@ def through_the_app(model: str, *, requests: int, clients: tuple[int, ...] = (1,
     `together` starts both servers at once and measures them one after the other (for CI: it saves one cold
     start; each cold-start time then includes the other server's start, and the report says so)."""
     app = app or ROOT / "app.py"
-    with tempfile.TemporaryDirectory(prefix="fusion-bench-") as work, _client_temp(Path(work)):
-        report: dict = {}
+    with tempfile.TemporaryDirectory(prefix="fusion-bench-") as work, client_temp(Path(work)):
         servers = {"app": [sys.executable, str(app), "--model", model]}
         if floor:
             servers["floor"] = [sys.executable, "-m", "fusion.bench", "--serve-floor", "--app-file", str(app), "--model", model]
         started = {name: _Server(command, Path(work) / name) for name, command in servers.items()} if together else {}
+        report: dict = {}
         try:
             for name, command in servers.items():
                 server = started.get(name) or _Server(command, Path(work) / name)
-                entry: dict = {"started_together": together}
+                report[name] = {"started_together": together}
                 try:
-                    client = server.wait()
-                    _call(client)
-                    entry["cold_start_s"] = round(time.perf_counter() - server.started, 2)
-                    for _ in range(3):
-                        _call(client)  # warm
-                    skip = len(server.stage_records())
-                    cpu = server.cpu_s()
-                    single = [_call(client) for _ in range(requests)]
-                    entry["one_client"] = {**percentiles(single),
-                                           "server_cpu_ms_per_request": round((server.cpu_s() - cpu) / requests * 1000, 1),
-                                           "server_stages": _stages(server.stage_records()[skip:])}
-                    if name == "app":
-                        start_rss = server.rss_mb()
-                        for count in clients:
-                            entry[f"{count}_clients"] = _load(server, count, requests)
-                        # Growth in the steady state: the same clients (sessions, each holding its last answer) again,
-                        # after the load phases have made the server's threads.
-                        most = [server.client() for _ in range(max(clients))]
-                        _load(server, most, 1)
-                        rss = server.rss_mb()
-                        soaked = _load(server, most, -(-soak // len(most))) if soak else {"requests": 0, "errors": 0}
-                        entry["memory"] = {"rss_at_start_mb": round(start_rss, 1),
-                                           "growth_over_load_phases_mb": round(rss - start_rss, 1),
-                                           "rss_before_mb": round(rss, 1), "rss_after_mb": round(server.rss_mb(), 1),
-                                           "requests_between": soaked["requests"], "errors_between": soaked["errors"]}
-                        entry["memory"]["growth_mb"] = round(entry["memory"]["rss_after_mb"] - rss, 1)
+                    report[name].update(_measure(server, requests=requests, clients=clients if name == "app" else (),
+                                                 soak=soak))
                 finally:
-                    entry["stopped"] = server.stop()
-                report[name] = entry
+                    report[name]["stopped"] = server.stop()
         finally:  # with `together`, a server whose turn never came (one before it failed)
             for server in started.values():
                 if server.process.poll() is None:
@@ -294,10 +269,43 @@ def through_the_app(model: str, *, requests: int, clients: tuple[int, ...] = (1,
         return report
 
 
+def _measure(server: _Server, *, requests: int, clients: tuple[int, ...], soak: int) -> dict:
+    """One server's cold start and one client's latency and server CPU; with `clients`, the load phases and the
+    steady-state memory too."""
+    client = server.wait()
+    _call(client)
+    entry: dict = {"cold_start_s": round(time.perf_counter() - server.started, 2)}
+    for _ in range(3):
+        _call(client)  # warm
+    skip = len(server.stage_records())
+    cpu = server.cpu_s()
+    single = [_call(client) for _ in range(requests)]
+    entry["one_client"] = {**percentiles(single),
+                           "server_cpu_ms_per_request": round((server.cpu_s() - cpu) / requests * 1000, 1),
+                           "server_stages": _stages(server.stage_records()[skip:])}
+    if not clients:
+        return entry
+    start_rss = server.rss_mb()
+    for count in clients:
+        entry[f"{count}_clients"] = _load(server, count, requests)
+    # Growth in the steady state: the same clients (sessions, each holding its last answer) again, after the load
+    # phases have made the server's threads.
+    most = [server.client() for _ in range(max(clients))]
+    _load(server, most, 1)
+    rss = server.rss_mb()
+    soaked = _load(server, most, -(-soak // len(most))) if soak else {"requests": 0, "errors": 0}
+    entry["memory"] = {"rss_at_start_mb": round(start_rss, 1), "growth_over_load_phases_mb": round(rss - start_rss, 1),
+                       "rss_before_mb": round(rss, 1), "rss_after_mb": round(server.rss_mb(), 1),
+                       "requests_between": soaked["requests"], "errors_between": soaked["errors"]}
+    entry["memory"]["growth_mb"] = round(entry["memory"]["rss_after_mb"] - rss, 1)
+    return entry
+
+
 @contextlib.contextmanager
-def _client_temp(folder: Path):
-    """gradio_client downloads each file through a new folder in the system's temporary folder and leaves that
-    folder behind, empty: one per file, about 100 for a quick bench. Point the temporary folder at `folder` meanwhile."""
+def client_temp(folder: Path):
+    """gradio_client 2 downloads each file through a new folder in the system's temporary folder and leaves that
+    folder behind, empty: one per file, about 100 for a quick bench. Point the temporary folder at `folder` meanwhile
+    (the app tests do the same)."""
     previous = tempfile.tempdir
     tempfile.tempdir = str(folder)
     try:

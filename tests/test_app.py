@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 import app
-from fusion import FusionInputError, FusionPipeline
+from fusion import FusionInputError, FusionPipeline, bench
 from fusion.render import SCALE_WIDTH, SPECTROGRAM_HEIGHT, notice
 
 from .conftest import launch_app
@@ -211,13 +210,12 @@ def test_port_from_the_environment(monkeypatch):
 
 
 @pytest.fixture()
-def client_temp(tmp_path, monkeypatch):
-    """gradio_client downloads each file through a new folder in the system's temporary folder and leaves that
-    folder there, empty; the tests point the temporary folder at their own, where its downloads also go."""
+def client_temp(tmp_path):
+    """A folder for gradio_client's downloads, which is also the temporary folder meanwhile (see `bench.client_temp`)."""
     folder = tmp_path / "client"
     folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
+    with bench.client_temp(folder):
+        yield folder
 
 
 @pytest.fixture(scope="module")
