@@ -45,6 +45,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
+from .bench import ITEM, percentiles, timed
 from .data.examples import collate
 from .evaluate import evaluate, load_pools, paired_examples
 from .modalities import SUBSET_KEYS
@@ -196,8 +197,6 @@ def prune_command(args: argparse.Namespace) -> dict:
 
 def measure(model: str | Path, data: str | Path, *, precision: str, repeats: int = 30) -> dict:
     """One row of the table: what `model` costs in `precision` on this machine and what it answers on `data`."""
-    from .bench import ITEM, percentiles, timed
-
     pipeline = FusionPipeline.from_pretrained(model, precision=precision, device="cpu")
     accuracy = evaluate(pipeline, data, garbage=False)
     return {

@@ -478,7 +478,9 @@ def main(argv: list[str] | None = None) -> dict:
         if whisper_state is not None and not args.init:
             speech.encoder.load_state_dict(whisper_state)
         speech.encoder.requires_grad_(False)
-        if teacher is not None and encoder_fingerprint(speech.encoder) != encoder_fingerprint(teacher.fusion.encoder_of("audio").encoder):
+        # A student built here starts from the teacher's Whisper; one from --init brings its own, which must match.
+        if teacher is not None and args.init and (encoder_fingerprint(speech.encoder)
+                                                  != encoder_fingerprint(teacher.fusion.encoder_of("audio").encoder)):
             raise SystemExit("the teacher and the student must share their frozen Whisper encoder (its cached states "
                              "feed both); this --init checkpoint's differs (pruned?)")
         if pools.waves or pools.synthetic_waves:

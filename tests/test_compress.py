@@ -151,6 +151,27 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tiny_checkpoint, 
         main(["distill", "--teacher", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *common, "--config", "huge"])
 
 
+def test_a_fine_tuned_student_must_share_the_teachers_whisper(tokenizer, tmp_path):
+    """The cached Whisper states feed teacher and student alike, so an --init student with other Whisper weights
+    is refused before training."""
+    from fusion.feature_extraction import AudioSettings
+    from fusion.processing import FusionProcessor, ProcessorSettings
+    from fusion.speech import WHISPER_AUDIO_SETTINGS
+    from fusion.train import main as train
+
+    settings = ProcessorSettings()
+    settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
+    for name in ("teacher", "student"):
+        model = tiny_model(tokenizer, audio_config=tiny_whisper_config())
+        if name == "student":
+            torch.nn.init.normal_(model.fusion.encoder_of("audio").encoder.conv1.weight)
+        model.save_pretrained(tmp_path / name)
+        FusionProcessor(tokenizer, settings).save_pretrained(tmp_path / name)
+    with pytest.raises(SystemExit, match="must share their frozen Whisper encoder"):
+        train(["--teacher", str(tmp_path / "teacher"), "--init", str(tmp_path / "student"), "--out", str(tmp_path / "out"),
+               "--data", str(SAMPLE), "--epochs", "1", "--size", "tiny", "--no-synthetic-voices"])
+
+
 def test_a_whisper_teacher_teaches_a_student_with_its_own_audio_encoder(tokenizer, tmp_path):
     """The student trains a ConvNeXt over the teacher's log-mel; the teacher hears the same raw clips."""
     from fusion.feature_extraction import AudioSettings
