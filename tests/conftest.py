@@ -5,6 +5,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,8 +76,11 @@ def launch_app(checkpoint, *extra, env=None) -> tuple[subprocess.Popen, str]:
     """`app.py` serving `checkpoint` in a subprocess on a free port, once it accepts connections: (process, URL)."""
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
+    # Its output goes to a file, not a pipe: nobody reads a pipe while the app serves (a whole session, for the
+    # shared app), and a full pipe would block the app.
+    log = tempfile.TemporaryFile()
     process = subprocess.Popen([sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port), *extra],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -84,7 +88,8 @@ def launch_app(checkpoint, *extra, env=None) -> tuple[subprocess.Popen, str]:
                 return process, f"http://127.0.0.1:{port}/"
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError(process.stdout.read().decode())
+                log.seek(0)
+                raise RuntimeError(log.read().decode(errors="replace"))
             time.sleep(0.5)
     process.kill()
     raise RuntimeError("the app did not start within 120 s")
