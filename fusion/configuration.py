@@ -8,7 +8,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from .modalities import MODALITIES
+from .modalities import MODALITIES, REGISTRY
 from .modalities import modality as modality_entry
 
 
@@ -20,9 +20,9 @@ class FusionConfig(PretrainedConfig):
     so a pretrained encoder of the same family can replace it.
 
     Args:
-        image_config (`dict` or `PretrainedConfig`): encoder of the image; default a small ResNet on 1×28×28.
-        text_config (`dict` or `PretrainedConfig`): encoder of the text; default a 2-layer BERT.
-        audio_config (`dict` or `PretrainedConfig`): encoder of the log-mel spectrogram; default a small AST.
+        image_config, text_config, audio_config (`dict` or `PretrainedConfig`): the encoder of each modality (one
+            `{name}_config` per entry of `fusion.modalities.REGISTRY`), by default the registry's: a small ResNet
+            on 1×28×28, a 2-layer BERT, a small AST over the log-mel spectrogram.
         hidden_size (`int`): width of the fusion Transformer that every modality is projected to.
         num_hidden_layers (`int`): number of fusion layers (self-attention over all present modalities' tokens).
         num_attention_heads (`int`): heads per fusion layer; must divide `hidden_size`.
@@ -50,51 +50,14 @@ class FusionConfig(PretrainedConfig):
     """
 
     model_type = "fusion"
+    # One `{name}_config` per registered modality, its default encoder from the registry. They are not declared as
+    # fields, so that a new modality needs no change here: `__post_init__` takes them from the keyword arguments.
     sub_configs_defaults = {
-        "image_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="resnet",
-            init_kwargs={
-                "num_channels": 1,
-                "embedding_size": 32,
-                "hidden_sizes": [32, 64],
-                "depths": [1, 1],
-                "layer_type": "basic",
-                "downsample_in_first_stage": False,
-            },
-        ),
-        "text_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="bert",
-            init_kwargs={
-                "vocab_size": 1000,
-                "hidden_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "intermediate_size": 128,
-                "max_position_embeddings": 64,
-            },
-        ),
-        "audio_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="audio-spectrogram-transformer",
-            init_kwargs={
-                "hidden_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "intermediate_size": 128,
-                "num_mel_bins": 32,
-                "max_length": 100,
-                "patch_size": 8,
-                "frequency_stride": 8,
-                "time_stride": 8,
-            },
-        ),
+        f"{m.name}_config": SubConfigSpec(config_class=AutoConfig, model_type=m.encoder["model_type"],
+                                          init_kwargs={k: v for k, v in m.encoder.items() if k != "model_type"})
+        for m in REGISTRY.values()
     }
 
-    image_config: dict | PretrainedConfig | None = None
-    text_config: dict | PretrainedConfig | None = None
-    audio_config: dict | PretrainedConfig | None = None
     hidden_size: int = 128
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
@@ -108,6 +71,8 @@ class FusionConfig(PretrainedConfig):
     pruned: dict[str, int] | None = None
 
     def __post_init__(self, **kwargs):
+        for key in self.sub_configs_defaults:  # read by the parent's sub-config step as attributes
+            setattr(self, key, kwargs.pop(key, getattr(self, key, None)))
         super().__post_init__(**kwargs)
         self.validate_fusion()
 

@@ -68,11 +68,13 @@ class TokenLayout:
             return self._words_tokens(at)
         special, rows, columns = self.grids[modality]
         height, width = self.shapes[modality]
-        if modality == "image":
+        if modality != "audio":
+            # A pixel (x, y): of the image as given, or for another grid modality of the model's input.
             if not (isinstance(at, (tuple, list)) and len(at) == 2):
-                raise ValueError(f"an image place is a pixel (x, y) of the image as given, got {at!r}")
+                given = "of the image as given" if modality == "image" else "of the model's input"
+                raise ValueError(f"an {modality} place is a pixel (x, y) {given}, got {at!r}")
             x, y = float(at[0]), float(at[1])
-            geometry = self.image_geometry
+            geometry = self.image_geometry if modality == "image" else None
             if geometry is not None:
                 if not (0 <= x < geometry.width and 0 <= y < geometry.height):
                     raise ValueError(f"pixel ({x:g}, {y:g}) is outside the image ({geometry.width}×{geometry.height})")
@@ -120,6 +122,7 @@ class CrossAttention:
         image (`np.ndarray (height, width) | None`): per pixel of the image as given, its token's attention.
         audio (`np.ndarray (mel, frames) | None`): per spectrogram cell, its token's attention.
         text (`list[tuple[str, float]] | None`): the text's pieces and their tokens' summed attention.
+        maps (`dict[str, Any]`): each other modality's map (the three above among them), by name.
         mass (`dict[str, float]`): the total attention between the chosen tokens and each other modality.
         peak (`float`): the largest single-token value, for a colour scale.
     """
@@ -132,6 +135,7 @@ class CrossAttention:
     image: np.ndarray | None = None
     audio: np.ndarray | None = None
     text: list[tuple[str, float]] | None = None
+    maps: dict[str, Any] = field(default_factory=dict)
     mass: dict[str, float] = field(default_factory=dict)
     peak: float = 0.0
 
@@ -168,7 +172,9 @@ def cross_attention(explanation: Explanation, modality: str, at: Any, *, layer: 
         block = block * layout.token_mask[s0:s1]
         result.mass[other] = float(block.sum())
         result.peak = max(result.peak, float(block.max(initial=0.0)))
-        setattr(result, other, map_tokens(layout, other, block))
+        result.maps[other] = map_tokens(layout, other, block)
+        if other in ("image", "audio", "text"):
+            setattr(result, other, result.maps[other])
     return result
 
 

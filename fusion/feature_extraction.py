@@ -19,6 +19,7 @@ from .image_processing import stack_grids
 from .input_errors import FusionInputError
 from .input_errors import describe as _describe
 from .input_errors import reason as _reason
+from .processor_base import ModalityProcessor
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
@@ -217,7 +218,7 @@ class LogMel:
         return (decibels - mean) / std
 
 
-class FusionFeatureExtractor:
+class FusionFeatureExtractor(ModalityProcessor):
     """Prepares audio for the audio encoder: a normalised log-mel spectrogram (mel, frames) of the model's window.
 
     Args:
@@ -232,9 +233,10 @@ class FusionFeatureExtractor:
     """
 
     modality = "audio"
+    Settings = AudioSettings
 
     def __init__(self, settings: AudioSettings | None = None):
-        self.settings = settings or AudioSettings()
+        self.settings: AudioSettings = settings or AudioSettings()
         self.log_mel = LogMel(self.settings)
 
     def __call__(self, source: Any) -> tuple[torch.Tensor, float]:

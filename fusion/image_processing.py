@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .input_errors import FusionInputError
 from .input_errors import describe as _describe
 from .input_errors import reason as _reason
+from .processor_base import ModalityProcessor
 
 
 @dataclass
@@ -160,7 +161,7 @@ def prepare_image(source: Any, settings: ImageSettings) -> tuple[np.ndarray, Ima
     return square, geometry
 
 
-class FusionImageProcessor:
+class FusionImageProcessor(ModalityProcessor):
     """Prepares images for the image encoder: grey, light ink on dark, cropped to the ink, scaled into the
     square and centred by mass as MNIST's digits were, then normalised.
 
@@ -176,9 +177,10 @@ class FusionImageProcessor:
     """
 
     modality = "image"
+    Settings = ImageSettings
 
     def __init__(self, settings: ImageSettings | None = None):
-        self.settings = settings or ImageSettings()
+        self.settings: ImageSettings = settings or ImageSettings()
 
     def __call__(self, source: Any) -> tuple[torch.Tensor, ImageGeometry]:
         """(1, size, size) normalised pixels, and where they came from."""

@@ -1,16 +1,24 @@
 """The one place that knows what a modality is: its name, the tensors that carry it, its slot in the fused
 sequence, and how its encoder's tokens map back onto the input.
 
-Adding a modality (video, tabular) is a new `Modality` entry here, its encoder's default sub-config in
-configuration.py, its tensor in `FusionModel.forward`'s signature, and its processor; everything else (the
-model's loop over modalities, batching, masks, subset names, explanations' grids) reads this registry.
+Adding a modality (video, tabular) is a new `Modality` entry here (its tensors, token grid, default encoder and
+processor), its tensors in `FusionModel.forward`'s signatures, its picture in render.py and its component in
+app.py, plus its processor; everything else (the config's sub-configs, the composed processor and its saved
+settings, the model's loop over modalities, batching, masks, subset names, explanations' grids, a token's
+place on its input) reads this registry. docs/adding-a-modality.md walks through it.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .feature_extraction import FusionFeatureExtractor
+from .image_processing import FusionImageProcessor
+from .processor_base import ModalityProcessor
+from .tokenization import FusionTextProcessor
 
 
 @dataclass(frozen=True)
@@ -24,11 +32,18 @@ class Modality:
         grid (`str`): how its tokens map back onto the input: `spatial` (a 2-D grid over pixels or spectrogram
             cells, relevance also weighted by gradient × input) or `sequence` (one score per token, mapped to text
             pieces by their offsets).
+        processor (`type`): its processor class: `Settings` (the dataclass of its constants, saved under its name in
+            `processor_config.json`), `from_settings`, `from_pretrained`, `save_pretrained`, `prepare` and `stack`
+            (see `FusionImageProcessor`).
+        encoder (`Mapping[str, Any]`): the default encoder sub-config (`model_type` and its arguments) of a
+            `FusionConfig` built without one.
     """
 
     name: str
     inputs: tuple[str, ...]
     grid: str
+    processor: type[ModalityProcessor]
+    encoder: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def main_input(self) -> str:
@@ -55,16 +70,31 @@ class Modality:
 REGISTRY: dict[str, Modality] = {
     m.name: m
     for m in (
-        Modality("image", ("pixel_values",), grid="spatial"),
-        Modality("text", ("input_ids", "attention_mask"), grid="sequence"),
-        Modality("audio", ("audio_values",), grid="spatial"),
+        Modality("image", ("pixel_values",), grid="spatial", processor=FusionImageProcessor, encoder={
+            # a small ResNet on 1×28×28
+            "model_type": "resnet", "num_channels": 1, "embedding_size": 32, "hidden_sizes": [32, 64],
+            "depths": [1, 1], "layer_type": "basic", "downsample_in_first_stage": False,
+        }),
+        Modality("text", ("input_ids", "attention_mask"), grid="sequence", processor=FusionTextProcessor, encoder={
+            # a 2-layer BERT
+            "model_type": "bert", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64,
+        }),
+        Modality("audio", ("audio_values",), grid="spatial", processor=FusionFeatureExtractor, encoder={
+            # a small Audio Spectrogram Transformer over 32 mel bins × 100 frames
+            "model_type": "audio-spectrogram-transformer", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 128, "num_mel_bins": 32, "max_length": 100,
+            "patch_size": 8, "frequency_stride": 8, "time_stride": 8,
+        }),
     )
 }
 MODALITIES: tuple[str, ...] = tuple(REGISTRY)
 
 # Names of subsets (`image+audio+text`, in evaluation reports, training logs and model cards) list modalities
-# in this order, which predates the registry; it is kept so that those keys stay comparable.
+# in this order, which predates the registry; it is kept so that those keys stay comparable. Modalities added later
+# follow in registry order.
 NAME_ORDER: tuple[str, ...] = ("image", "audio", "text")
+NAME_ORDER += tuple(m for m in MODALITIES if m not in NAME_ORDER)
 
 # Precisions a checkpoint loads in; `auto` is 8-bit on a CUDA GPU and fp32 on a CPU.
 PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp16", "bf16", "fp32")

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from .feature_extraction import AudioSettings, FusionFeatureExtractor
 from .image_processing import FusionImageProcessor, ImageGeometry, ImageSettings
 from .input_errors import FusionInputError
 from .input_errors import describe as _describe
-from .modalities import MODALITIES
+from .modalities import MODALITIES, REGISTRY
+from .processor_base import ModalityProcessor
 from .tokenization import FusionTextProcessor, TextSettings
 
 __all__ = ["PROCESSOR_FILE", "FusionInputError", "FusionProcessor", "ProcessorSettings"]
@@ -31,26 +32,71 @@ __all__ = ["PROCESSOR_FILE", "FusionInputError", "FusionProcessor", "ProcessorSe
 PROCESSOR_FILE = "processor_config.json"
 
 
-@dataclass
 class ProcessorSettings:
-    image: ImageSettings = field(default_factory=ImageSettings)
-    audio: AudioSettings = field(default_factory=AudioSettings)
-    text: TextSettings = field(default_factory=TextSettings)
+    """The constants of every modality's processor, keyed by modality (the registry's `Settings` of each), as
+    `processor_config.json` keeps them: `{"image": {...}, "audio": {...}, "text": {...}}`.
+
+    Args:
+        **parts: settings objects by modality name; a modality left out gets its processor's defaults.
+
+    Example:
+        ```python
+        >>> settings = ProcessorSettings(audio=AudioSettings(sampling_rate=16000))
+        >>> settings.audio.sampling_rate, settings.of("image").size
+        (16000, 28)
+        ```
+    """
+
+    def __init__(self, **parts: Any):
+        unknown = set(parts) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"unknown modalities {sorted(unknown)} in processor settings; expected {', '.join(MODALITIES)}")
+        self.parts: dict[str, Any] = {m: parts.get(m) or REGISTRY[m].processor.Settings() for m in MODALITIES}
+
+    def of(self, modality: str) -> Any:
+        """The settings of `modality`'s processor."""
+        return self.parts[modality]
+
+    # Typed shortcuts for the built-in modalities; generic code uses `of`.
+    @property
+    def image(self) -> ImageSettings:
+        return self.parts["image"]
+
+    @image.setter
+    def image(self, value: ImageSettings) -> None:
+        self.parts["image"] = value
+
+    @property
+    def audio(self) -> AudioSettings:
+        return self.parts["audio"]
+
+    @audio.setter
+    def audio(self, value: AudioSettings) -> None:
+        self.parts["audio"] = value
+
+    @property
+    def text(self) -> TextSettings:
+        return self.parts["text"]
+
+    @text.setter
+    def text(self, value: TextSettings) -> None:
+        self.parts["text"] = value
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {m: asdict(settings) for m, settings in self.parts.items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> ProcessorSettings:
-        def build(kind, values):
-            known = {f.name for f in fields(kind)}
-            unknown = set(values) - known
+        """Settings from `processor_config.json`'s contents; unknown keys are refused, missing ones take defaults."""
+        parts = {}
+        for name in MODALITIES:
+            kind = REGISTRY[name].processor.Settings
+            values = data.get(name, {})
+            unknown = set(values) - {f.name for f in fields(kind)}
             if unknown:
                 raise FusionInputError(f"{PROCESSOR_FILE} has unknown {kind.__name__} keys {sorted(unknown)}")
-            return kind(**values)
-
-        return cls(
-            image=build(ImageSettings, data.get("image", {})),
-            audio=build(AudioSettings, data.get("audio", {})),
-            text=build(TextSettings, data.get("text", {})),
-        )
+            parts[name] = kind(**values)
+        return cls(**parts)
 
 
 class FusionProcessor:
@@ -70,14 +116,31 @@ class FusionProcessor:
         ```
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, settings: ProcessorSettings | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast | None = None, settings: ProcessorSettings | None = None, *,
+                 parts: dict[str, ModalityProcessor] | None = None):
         self.settings = settings or ProcessorSettings()
-        self.image_processor = FusionImageProcessor(self.settings.image)
-        self.feature_extractor = FusionFeatureExtractor(self.settings.audio)
-        self.text_processor = FusionTextProcessor(tokenizer, self.settings.text)
-        # Keyed by modality, in the fused order: what `__call__` runs for each modality an item carries.
-        self.parts = {part.modality: part for part in (self.image_processor, self.text_processor, self.feature_extractor)}
-        assert tuple(self.parts) == MODALITIES
+        # Keyed by modality, in the fused order: what `__call__` runs for each modality an item carries. Parts not
+        # given are built from their settings (the text's from `tokenizer`).
+        given = parts or {}
+        self.parts: dict[str, ModalityProcessor] = {
+            m: given[m] if m in given else REGISTRY[m].processor.from_settings(self.settings.of(m), tokenizer=tokenizer)
+            for m in MODALITIES
+        }
+        for name, part in self.parts.items():
+            self.settings.parts[name] = part.settings  # one object, whichever side a caller changes
+
+    # The built-in parts by their usual names (`CLIPProcessor` has `image_processor` and `tokenizer`).
+    @property
+    def image_processor(self) -> FusionImageProcessor:
+        return cast(FusionImageProcessor, self.parts["image"])
+
+    @property
+    def feature_extractor(self) -> FusionFeatureExtractor:
+        return cast(FusionFeatureExtractor, self.parts["audio"])
+
+    @property
+    def text_processor(self) -> FusionTextProcessor:
+        return cast(FusionTextProcessor, self.parts["text"])
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerFast:
@@ -88,23 +151,21 @@ class FusionProcessor:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(directory)
-        (directory / PROCESSOR_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        for part in self.parts.values():
+            part.save_pretrained(directory)
+        (directory / PROCESSOR_FILE).write_text(json.dumps(self.settings.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> FusionProcessor:
         directory = Path(directory)
-        for name in (PROCESSOR_FILE, "tokenizer.json"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"checkpoint folder {str(directory)!r} lacks {name}")
+        if not (directory / PROCESSOR_FILE).is_file():
+            raise FileNotFoundError(f"checkpoint folder {str(directory)!r} lacks {PROCESSOR_FILE}")
         try:
             settings = ProcessorSettings.from_dict(json.loads((directory / PROCESSOR_FILE).read_text()))
         except (json.JSONDecodeError, TypeError) as error:
             raise ValueError(f"{directory / PROCESSOR_FILE} is damaged: {error}") from None
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        if not isinstance(tokenizer, PreTrainedTokenizerFast):
-            raise ValueError(f"{directory / 'tokenizer.json'} is not a fast tokenizer (got {type(tokenizer).__name__})")
-        return cls(tokenizer, settings)
+        parts = {m: REGISTRY[m].processor.from_pretrained(directory, settings.of(m)) for m in MODALITIES}
+        return cls(settings=settings, parts=parts)
 
     # -- one modality at a time (the parts' own calls, kept here for training and evaluation code)
 

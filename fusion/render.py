@@ -420,7 +420,7 @@ def token_box(layout: TokenLayout, modality: str, token: int) -> tuple[int, int,
         return (column * width // columns, (column + 1) * width // columns, 0, 0)
     x0, x1 = column * width / columns, (column + 1) * width / columns
     y0, y1 = row * height / rows, (row + 1) * height / rows
-    geometry = layout.image_geometry
+    geometry = layout.image_geometry if modality == "image" else None
     if geometry is None:
         return (int(x0), int(y0), int(x1) - 1, int(y1) - 1)
     left, top = geometry.box[:2]
@@ -498,9 +498,9 @@ def _describe_place(layout: TokenLayout, modality: str, at: Any) -> str:
 
         start, end = word_spans(layout.text or "")[int(at)]
         return f"the word “{(layout.text or '')[start:end]}”"
-    if modality == "image":
-        return f"the image at ({int(at[0])}, {int(at[1])})"
-    return f"the audio at {float(at):.2f} s"
+    if modality == "audio":
+        return f"the audio at {float(at):.2f} s"
+    return f"the {modality} at ({int(at[0])}, {int(at[1])})"
 
 
 def _stack_vertically(pictures: list[np.ndarray]) -> np.ndarray:

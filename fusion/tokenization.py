@@ -3,8 +3,10 @@ tokenises a batch of texts and keeps each token's character offsets for the word
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,10 +18,11 @@ from tokenizers import (
     pre_tokenizers,
     processors,
 )
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .input_errors import FusionInputError
 from .input_errors import describe as _describe
+from .processor_base import ModalityProcessor
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -68,7 +71,7 @@ def build_tokenizer(corpus, *, vocab_size: int = 1000, max_tokens: int = 32) -> 
     )
 
 
-class FusionTextProcessor:
+class FusionTextProcessor(ModalityProcessor):
     """Tokenises text for the text encoder, keeping each token's character offsets.
 
     Args:
@@ -85,10 +88,30 @@ class FusionTextProcessor:
     """
 
     modality = "text"
+    Settings = TextSettings
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, settings: TextSettings | None = None):
         self.tokenizer = tokenizer
-        self.settings = settings or TextSettings()
+        self.settings: TextSettings = settings or TextSettings()
+
+    @classmethod
+    def from_settings(cls, settings: TextSettings, *, tokenizer: Any = None) -> FusionTextProcessor:
+        if not isinstance(tokenizer, PreTrainedTokenizerFast):
+            raise ValueError(f"the text processor needs a fast tokenizer, got {type(tokenizer).__name__}")
+        return cls(tokenizer, settings)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, settings: TextSettings) -> FusionTextProcessor:
+        """The checkpoint's tokenizer (`tokenizer.json`) with these limits."""
+        if not (Path(directory) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"checkpoint folder {str(directory)!r} lacks tokenizer.json")
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        if not isinstance(tokenizer, PreTrainedTokenizerFast):
+            raise ValueError(f"{Path(directory) / 'tokenizer.json'} is not a fast tokenizer (got {type(tokenizer).__name__})")
+        return cls(tokenizer, settings)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(directory)
 
     def clean(self, text: Any) -> str:
         """The text as it will be tokenised (cut to `max_characters`), or a `FusionInputError`."""
