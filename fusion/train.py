@@ -46,7 +46,15 @@ from .data.audio_bank import (
     encoder_fingerprint,
     garbage_waves,
 )
-from .data.examples import Augment, ExampleMaker, Pools, collate, image_pool, wave_pool
+from .data.examples import (
+    DRAWN,
+    Augment,
+    ExampleMaker,
+    Pools,
+    collate,
+    image_pool,
+    wave_pool,
+)
 from .data.sources import (
     HELD_OUT_SPEAKER,
     list_fsdd,
@@ -300,6 +308,10 @@ def manifest_data(args, processor: FusionProcessor) -> tuple[Pools, Pools, list[
         for r in chosen:
             if r.text:
                 pool.texts.setdefault(index[r.label], []).append(r.text)
+            for modality, value in r.inputs.items():
+                if modality not in DRAWN:
+                    prepared, _ = processor.parts[modality].prepare(value)
+                    pool.prepared.setdefault(modality, {}).setdefault(index[r.label], []).append(prepared)
         result.append(pool)
     return result[0], result[1], labels
 
@@ -315,6 +327,8 @@ def validation_pools(pools: Pools, pipeline: FusionPipeline) -> dict:
         out.setdefault("audio", {})[label] = [processor.audio_features((rate, w))[0] for w in waves]
     for label, texts in pools.texts.items():
         out.setdefault("text", {})[label] = texts
+    for modality, by_label in pools.prepared.items():
+        out[modality] = dict(by_label)
     return out
 
 

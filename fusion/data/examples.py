@@ -23,9 +23,11 @@ from ..processing import FusionProcessor
 from . import phrases
 
 SUBSETS = subsets(MODALITIES)
+# Modalities that `ExampleMaker` draws, augments and corrupts its own way; any other is drawn from `Pools.prepared`.
+DRAWN = ("image", "audio", "text")
 # Every modality of a multimodal example is also trained alone (`fusion.train.FusionObjective`), so single-modality
 # examples need no extra weight; pairs and triples carry the garbage-modality cases.
-SUBSET_WEIGHTS = {1: 1.0, 2: 1.5, 3: 1.5}
+SUBSET_WEIGHTS = {1: 1.0, 2: 1.5, 3: 1.5}  # by subset size; larger ones weigh as 3
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Pools:
     texts: dict[int, list[str]] = field(default_factory=dict)
     generate_phrases: bool = False
     synthetic_waves: dict[int, list[np.ndarray]] = field(default_factory=dict)  # synthetic voices, drawn apart
+    # Any other modality's inputs per label, as its processor's `prepare` made them; drawn as they are.
+    prepared: dict[str, dict[int, list[Any]]] = field(default_factory=dict)
 
     def available(self, label: int) -> tuple[str, ...]:
         have = {
@@ -46,7 +50,7 @@ class Pools:
             "text": bool(self.texts.get(label)) or self.generate_phrases,
             "audio": bool(self.waves.get(label)) or bool(self.synthetic_waves.get(label)),
         }
-        return tuple(m for m in MODALITIES if have[m])
+        return tuple(m for m in MODALITIES if have.get(m) or self.prepared.get(m, {}).get(label))
 
 
 def image_pool(processor: FusionProcessor, images: list, labels: list[int]) -> dict[int, list[np.ndarray]]:
@@ -107,10 +111,11 @@ class ExampleMaker:
         label = rng.randrange(len(self.pools.labels))
         available = self.pools.available(label)
         subsets = [s for s in SUBSETS if set(s) <= set(available)]
-        subset = rng.choices(subsets, weights=[SUBSET_WEIGHTS[len(s)] for s in subsets])[0]
+        subset = rng.choices(subsets, weights=[SUBSET_WEIGHTS.get(len(s), 1.5) for s in subsets])[0]
         garbage = None
-        if self.augment and len(subset) > 1 and rng.random() < self.augment.garbage:
-            garbage = rng.choice(subset)
+        corruptible = [m for m in subset if m in DRAWN]  # the modalities this maker has garbage for
+        if self.augment and len(subset) > 1 and corruptible and rng.random() < self.augment.garbage:
+            garbage = rng.choice(corruptible)
         example: dict[str, Any] = {"label": label, "garbage": garbage}
         if "image" in subset:
             example["image"] = self.image(label, rng, garbage == "image")
@@ -118,6 +123,9 @@ class ExampleMaker:
             example["audio"] = self.audio(label, rng, garbage == "audio")
         if "text" in subset:
             example["text"] = self.text(label, rng, garbage == "text")
+        for modality in subset:
+            if modality not in DRAWN:
+                example[modality] = rng.choice(self.pools.prepared[modality][label])
         return example
 
     def image(self, label: int, rng: random.Random, garbage: bool) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Readers for the digits data (MNIST IDX, FSDD WAVs, phrase TSV), the held-out split, and manifests.
 
-A manifest is a CSV or JSONL file with columns `image`, `audio`, `text`, `label`; any of the first three may
-be empty, and relative paths are taken from the manifest's folder.
+A manifest is a CSV or JSONL file with a column per modality (`image`, `audio`, `text`, and any other in the
+registry) and `label`; any modality may be empty. A grid modality's value is a file, a relative path taken from
+the manifest's folder; a sequence modality's (text) is the value itself.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..modalities import NAME_ORDER, REGISTRY
 from . import phrases
 
 HELD_OUT_SPEAKER = "jackson"  # evaluation speaker: never trained on
@@ -141,14 +143,26 @@ def write_heldout(data: str | Path, out: str | Path, *, phrases_count: int = 200
 
 @dataclass(frozen=True)
 class ManifestRow:
-    image: str | None
-    audio: str | None
-    text: str | None
+    """One row: its label and, by modality, what it gives (a resolved file path, or the text)."""
+
     label: str
+    inputs: dict[str, str]
+
+    @property
+    def image(self) -> str | None:
+        return self.inputs.get("image")
+
+    @property
+    def audio(self) -> str | None:
+        return self.inputs.get("audio")
+
+    @property
+    def text(self) -> str | None:
+        return self.inputs.get("text")
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
-    """Rows of a CSV or JSONL manifest; every row needs a label and at least one of image, audio, text."""
+    """Rows of a CSV or JSONL manifest; every row needs a label and at least one modality."""
     path = Path(path)
     if path.suffix == ".jsonl":
         records = []
@@ -166,20 +180,22 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     rows = []
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: row {number} is not an object with image/audio/text/label")
-        values = {k: (str(record.get(k)).strip() if record.get(k) not in (None, "") else None) for k in ("image", "audio", "text", "label")}
+            raise ValueError(f"{path}: row {number} is not an object with {'/'.join(NAME_ORDER)}/label")
+        values = {k: (str(record.get(k)).strip() if record.get(k) not in (None, "") else None) for k in (*NAME_ORDER, "label")}
         if values["label"] is None:
             raise ValueError(f"{path}: row {number} has no label")
-        if not any(values[k] for k in ("image", "audio", "text")):
-            raise ValueError(f"{path}: row {number} has none of image, audio, text")
-        for key in ("image", "audio"):
-            if values[key]:
+        if not any(values[k] for k in NAME_ORDER):
+            raise ValueError(f"{path}: row {number} has none of {', '.join(NAME_ORDER)}")
+        for key in NAME_ORDER:
+            if values[key] and REGISTRY[key].grid != "sequence":
                 given = Path(str(values[key]))
                 file = given if given.is_absolute() else path.parent / given
                 if not file.is_file():
                     raise ValueError(f"{path}: row {number}: {key} file {str(file)!r} does not exist")
                 values[key] = str(file)
-        rows.append(ManifestRow(label=values["label"], image=values["image"], audio=values["audio"], text=values["text"]))
+        label = values.pop("label")
+        assert label is not None
+        rows.append(ManifestRow(label=label, inputs={k: v for k, v in values.items() if v is not None}))
     if not rows:
         raise ValueError(f"manifest {path} has no rows")
     return rows
