@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,20 @@ from .tokenization import FusionTextProcessor, TextSettings
 __all__ = ["PROCESSOR_FILE", "FusionInputError", "FusionProcessor", "ProcessorSettings"]
 
 PROCESSOR_FILE = "processor_config.json"
+S = TypeVar("S")
+
+
+class _Settings(Generic[S]):
+    """An attribute of `ProcessorSettings` that reads and replaces one modality's entry of its `parts`."""
+
+    def __init__(self, modality: str):
+        self.modality = modality
+
+    def __get__(self, owner: ProcessorSettings, kind: type | None = None) -> S:
+        return owner.parts[self.modality]
+
+    def __set__(self, owner: ProcessorSettings, value: S) -> None:
+        owner.parts[self.modality] = value
 
 
 class ProcessorSettings:
@@ -57,30 +71,10 @@ class ProcessorSettings:
         """The settings of `modality`'s processor."""
         return self.parts[modality]
 
-    # Typed shortcuts for the built-in modalities; generic code uses `of`.
-    @property
-    def image(self) -> ImageSettings:
-        return self.parts["image"]
-
-    @image.setter
-    def image(self, value: ImageSettings) -> None:
-        self.parts["image"] = value
-
-    @property
-    def audio(self) -> AudioSettings:
-        return self.parts["audio"]
-
-    @audio.setter
-    def audio(self, value: AudioSettings) -> None:
-        self.parts["audio"] = value
-
-    @property
-    def text(self) -> TextSettings:
-        return self.parts["text"]
-
-    @text.setter
-    def text(self, value: TextSettings) -> None:
-        self.parts["text"] = value
+    # Typed shortcuts for the built-in modalities (read and replaced as attributes); generic code uses `of`.
+    image: _Settings[ImageSettings] = _Settings("image")
+    audio: _Settings[AudioSettings] = _Settings("audio")
+    text: _Settings[TextSettings] = _Settings("text")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {m: asdict(settings) for m, settings in self.parts.items()}
