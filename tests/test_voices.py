@@ -1,23 +1,31 @@
 """Hearing any voice: waveform augmentations, the cached bank of frozen-encoder states, the voice splits and the
 microphone-style recordings the voice test sets are made of."""
 
+import dataclasses
 import random
 
 import numpy as np
 import pytest
 import torch
+import torchaudio
 
-from fusion import FusionForClassification
+from fusion import FusionForClassification, train
 from fusion.data import synthetic
-from fusion.data.audio_bank import audio_bank, encode_waves
+from fusion.data.audio_bank import audio_bank, encode_waves, finish_states
 from fusion.data.heldout import microphone_recording
-from fusion.data.voice_augment import VoiceAugment, pitch_shift, surround, time_stretch
+from fusion.data.voice_augment import (
+    VoiceAugment,
+    bandwidth,
+    pitch_shift,
+    surround,
+    time_stretch,
+)
 from fusion.feature_extraction import AudioSettings
 from fusion.processing import FusionProcessor
 from fusion.speech import WHISPER_AUDIO_SETTINGS
 from fusion.train import tiny_whisper_config
 
-from .conftest import tiny_config
+from .conftest import tiny_config, tiny_model
 
 RATE = 16000
 
@@ -97,6 +105,9 @@ def test_bank_holds_the_clean_clip_first_and_reuses_its_cache(whisper_processor,
     assert len(list((tmp_path / "audio-states").glob("*.npy"))) == 3
     again = encode_waves(encoder, whisper_processor, pool[3], variants=3, augment=VoiceAugment(), seed=0, cache=tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(again, bank[3]))
+    # other augmentation settings make other variants: they are cached apart, not read back
+    encode_waves(encoder, whisper_processor, pool[3][:1], variants=3, augment=VoiceAugment(keep_band=True), seed=0, cache=tmp_path)
+    assert len(list((tmp_path / "audio-states").glob("*.npy"))) == 4
 
 
 def test_validation_voices_share_no_variant_with_training_voices():
@@ -116,3 +127,54 @@ def test_validation_voices_share_no_variant_with_training_voices():
     assert next(v for v in train if v.language == "zh").words[7] == "七"
     with pytest.raises(ValueError, match="split must be"):
         synthetic.synthetic_clips("unused", split="test")
+
+
+def test_a_variant_keeps_the_bandwidth_the_clip_was_recorded_with():
+    """An 8 kHz recording (resampled to the model's 16 kHz) raised 7 semitones stays below 4 kHz, as sox's shift
+    of the 8 kHz file does; without `keep_band` its 3 kHz partial moves to 4.5 kHz."""
+    t = np.arange(8000) / 8000
+    recorded = sum(np.sin(2 * np.pi * f * t) for f in (300, 1200, 3000)).astype(np.float32) * 0.2
+    clip = torchaudio.functional.resample(torch.from_numpy(recorded), 8000, RATE).numpy()
+    assert bandwidth(clip, RATE) == 4000 and bandwidth(sine(440) + np.random.default_rng(0).normal(0, 0.1, 8000).astype(np.float32), RATE) == 8000
+
+    def above_band(wave: np.ndarray) -> float:
+        power = np.abs(np.fft.rfft(wave.astype(np.float64))) ** 2
+        return float(power[np.fft.rfftfreq(len(wave), 1 / RATE) > 4120].sum() / power.sum())
+
+    raised = VoiceAugment(pitch=1.0, pitch_range=(7.0, 7.0), speed=0, reverb=0, mic=0, noise=1.0, snr_range=(20, 20),
+                          surround=0, keep_band=True)
+    assert above_band(raised.waveform(clip, random.Random(0), RATE)) < 1e-3
+    assert above_band(dataclasses.replace(raised, noise=0, keep_band=False).waveform(clip, random.Random(0), RATE)) > 0.05
+
+
+def test_tuned_top_layers_finish_the_cached_states_and_alone_are_trained(whisper_processor, tokenizer):
+    torch.manual_seed(0)
+    model = tiny_model(tokenizer, audio_config=tiny_whisper_config(layers=2))
+    encoder = model.fusion.encoder_of("audio")
+    waves = [sine(180), sine(300)]
+    below = encode_waves(encoder, whisper_processor, waves, variants=1, augment=VoiceAugment(), seed=0, cache=None, tuned=1)
+    with torch.no_grad():
+        features = torch.stack([whisper_processor.audio_features((RATE, w))[0] for w in waves])
+        full = encoder.features(features)[0]
+        finished = finish_states(encoder, torch.cat(below).float(), tuned=1)
+    torch.testing.assert_close(finished, full, rtol=0, atol=2e-2)  # the cache is float16
+    assert not torch.allclose(torch.cat(below).float(), full, atol=0.1)  # what is cached is not the output
+    with pytest.raises(ValueError, match="tuned must be in 1..1"):
+        encode_waves(encoder, whisper_processor, waves, variants=1, augment=VoiceAugment(), seed=0, cache=None, tuned=2)
+    # Training on those states: the tuned layer learns, the one below and the front end get no gradient.
+    encoder.encoder.requires_grad_(False)
+    for module in (encoder.encoder.layers[1], encoder.encoder.layer_norm):
+        module.requires_grad_(True)
+    examples = [{"label": 3, "garbage": None, "audio": below[0][0].float(), "text": "three"},
+                {"label": 5, "garbage": None, "audio": below[1][0].float()}]
+    batch, alone = train.training_batch(examples, whisper_processor)
+    objective = train.FusionObjective(model, audio_states=True, tuned_audio_layers=1)
+    objective(batch, alone).backward()
+    assert encoder.encoder.layers[1].fc1.weight.grad is not None and encoder.encoder.layers[1].fc1.weight.grad.abs().sum() > 0
+    assert encoder.encoder.layers[0].fc1.weight.grad is None and encoder.encoder.conv1.weight.grad is None
+    # ... and its loss is the one the finished states give the untuned objective.
+    done = [{**e, "audio": finish_states(encoder, e["audio"][None], tuned=1)[0].detach()} for e in examples]
+    with torch.no_grad():
+        reference = train.FusionObjective(model, audio_states=True)(*train.training_batch(done, whisper_processor))
+        tuned = objective(batch, alone)
+    torch.testing.assert_close(tuned, reference, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """Outputs of a frozen audio encoder for every training clip, in several augmented variants, cached on disk.
 
 A pretrained speech encoder that stays frozen gives the same output for the same input, so training computes it
-once per (clip, variant) instead of once per step: variant 0 is the clip as recorded, the others pass through
+once per (clip, variant) instead of once per step (with `tuned` top layers trained, what is cached is the input of
+those layers, and `finish_states` runs them each step): variant 0 is the clip as recorded, the others pass through
 `VoiceAugment` (pitch, rate, room, microphone, noise) and a vocal-tract warp of the spectrogram. Each clip's
 variants are one float16 file named by a hash of the samples, the variant recipe and the encoder's weights, so
 runs that share clips (another validation speaker, another seed) share the work.
@@ -12,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import random
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..feature_extraction import prepare_waveform
@@ -23,7 +26,7 @@ from ..processing import FusionProcessor
 from .examples import warp_mel
 from .voice_augment import VoiceAugment
 
-RECIPE_VERSION = 2  # bump when VoiceAugment or the variant recipe changes, so old cache files are not reused
+RECIPE_VERSION = 3  # bump when VoiceAugment or the variant recipe changes, so old cache files are not reused
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -81,12 +84,42 @@ def garbage_waves(count: int, seconds: float, rate: int, *, seed: int = 0) -> li
     return waves
 
 
+def finish_states(encoder: ModalityEncoder, states: torch.Tensor, *, tuned: int) -> torch.Tensor:
+    """A Whisper encoder's output (B, T, E) from the input of its top `tuned` layers (B, T, E): those layers and
+    the final norm, as its own forward runs them."""
+    whisper = encoder.encoder
+    layers = cast(nn.ModuleList, whisper.layers)
+    for layer in layers[len(layers) - tuned:]:
+        states = layer(states, None)
+    return cast(nn.Module, whisper.layer_norm)(states)
+
+
+def _states_below(encoder: ModalityEncoder, features: torch.Tensor, tuned: int) -> torch.Tensor:
+    """The audio encoder's features of (B, mel, frames) spectrograms, or with `tuned`, the input of its top `tuned`
+    layers (the output of the layer below them, read by a hook while the whole encoder runs)."""
+    if not tuned:
+        return encoder.features(features)[0]
+    layers = cast(nn.ModuleList, encoder.encoder.layers)
+    if not 0 < tuned < len(layers):
+        raise ValueError(f"tuned must be in 1..{len(layers) - 1} (the layers below stay frozen), got {tuned}")
+    found: list[torch.Tensor] = []
+    hook = layers[len(layers) - tuned - 1].register_forward_hook(lambda module, args, output: found.append(output))
+    try:
+        encoder.features(features)
+    finally:
+        hook.remove()
+    return found[0]
+
+
 @torch.no_grad()
 def encode_waves(encoder: ModalityEncoder, processor: FusionProcessor, waves: list[np.ndarray], *, variants: int,
                  augment: VoiceAugment, seed: int, cache: str | Path | None, batch_size: int = 64,
-                 desc: str = "audio states") -> list[torch.Tensor]:
-    """Per waveform, a float16 tensor (variants, T, E) of the frozen audio `encoder`'s features."""
-    fingerprint = f"{encoder_fingerprint(encoder.encoder)}-{RECIPE_VERSION}-{variants}-{seed}"
+                 desc: str = "audio states", tuned: int = 0) -> list[torch.Tensor]:
+    """Per waveform, a float16 tensor (variants, T, E) of the frozen audio `encoder`'s features (with `tuned`, of the
+    input of its top `tuned` layers, which training then runs itself)."""
+    # The augmentation's settings are part of the key: other settings make other variants of the same clip.
+    fingerprint = (f"{encoder_fingerprint(encoder.encoder)}-{RECIPE_VERSION}-{variants}-{seed}-{augment!r}"
+                   + (f"-below{tuned}" if tuned else ""))
     folder = Path(cache) / "audio-states" if cache is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -107,7 +140,7 @@ def encode_waves(encoder: ModalityEncoder, processor: FusionProcessor, waves: li
         for index, key, _ in chunk:
             rng = random.Random(key)
             features += [spectrogram_variant(processor, waves[index], rng if v else None, augment) for v in range(variants)]
-        states = encoder.features(torch.stack(features).to(device))[0].to(torch.float16).cpu()  # (n·V, T, E)
+        states = _states_below(encoder, torch.stack(features).to(device), tuned).to(torch.float16).cpu()  # (n·V, T, E)
         for row, (index, key, path) in enumerate(chunk):
             variant_states = states[row * variants : (row + 1) * variants].clone()
             results[index] = variant_states
@@ -117,11 +150,13 @@ def encode_waves(encoder: ModalityEncoder, processor: FusionProcessor, waves: li
 
 
 def audio_bank(encoder: ModalityEncoder, processor: FusionProcessor, pool: dict[int, list[np.ndarray]], *,
-               variants: int, augment: VoiceAugment, seed: int, cache: str | Path | None) -> dict[int, list[torch.Tensor]]:
+               variants: int, augment: VoiceAugment, seed: int, cache: str | Path | None,
+               tuned: int = 0) -> dict[int, list[torch.Tensor]]:
     """`pool` (label → waveforms at the model's rate) as label → per-clip (variants, T, E) encoder states."""
     labels = [label for label, waves in pool.items() for _ in waves]
     waves = [wave for label in pool for wave in pool[label]]
-    states = encode_waves(encoder, processor, waves, variants=variants, augment=augment, seed=seed, cache=cache)
+    states = encode_waves(encoder, processor, waves, variants=variants, augment=augment, seed=seed, cache=cache,
+                          tuned=tuned)
     bank: dict[int, list[torch.Tensor]] = {}
     for label, state in zip(labels, states):
         bank.setdefault(label, []).append(state)
