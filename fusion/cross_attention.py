@@ -119,10 +119,9 @@ class CrossAttention:
         modality (`str`), tokens (`list[int]`): the chosen tokens (indices within that modality's tokens).
         direction (`str`): "from" (what they attend to) or "to" (what attends to them).
         layer (`int | None`), head (`int | None`): the attention read (None: averaged).
-        image (`np.ndarray (height, width) | None`): per pixel of the image as given, its token's attention.
-        audio (`np.ndarray (mel, frames) | None`): per spectrogram cell, its token's attention.
-        text (`list[tuple[str, float]] | None`): the text's pieces and their tokens' summed attention.
-        maps (`dict[str, Any]`): each other modality's map (the three above among them), by name.
+        maps (`dict[str, Any]`): each other modality's map, by name; `image`, `audio` and `text` read it: per pixel
+            of the image as given (height, width), per spectrogram cell (mel, frames), and the text's pieces with
+            their tokens' summed attention (None where that modality is the chosen one or absent).
         mass (`dict[str, float]`): the total attention between the chosen tokens and each other modality.
         peak (`float`): the largest single-token value, for a colour scale.
     """
@@ -132,12 +131,21 @@ class CrossAttention:
     direction: str
     layer: int | None
     head: int | None
-    image: np.ndarray | None = None
-    audio: np.ndarray | None = None
-    text: list[tuple[str, float]] | None = None
     maps: dict[str, Any] = field(default_factory=dict)
     mass: dict[str, float] = field(default_factory=dict)
     peak: float = 0.0
+
+    @property
+    def image(self) -> np.ndarray | None:
+        return self.maps.get("image")
+
+    @property
+    def audio(self) -> np.ndarray | None:
+        return self.maps.get("audio")
+
+    @property
+    def text(self) -> list[tuple[str, float]] | None:
+        return self.maps.get("text")
 
 
 def averaged_attention(attentions: list[np.ndarray], *, layer: int | None, head: int | None) -> np.ndarray:
@@ -173,8 +181,6 @@ def cross_attention(explanation: Explanation, modality: str, at: Any, *, layer: 
         result.mass[other] = float(block.sum())
         result.peak = max(result.peak, float(block.max(initial=0.0)))
         result.maps[other] = map_tokens(layout, other, block)
-        if other in ("image", "audio", "text"):
-            setattr(result, other, result.maps[other])
     return result
 
 
