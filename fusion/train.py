@@ -587,6 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     summary = {"epochs": args.epochs, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
                "teacher": args.teacher, "init": args.init, "tuned_audio_layers": args.tune_audio_layers,
+               "trained_parameters": sum(p.numel() for p in trainable),
                "val": f"speaker {args.val_speaker}, training images set aside, validation-template phrases"
                if args.val_speaker else "the held-out test data" if heldout_dir else "10% of the manifest",
                "history": history}

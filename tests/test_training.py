@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fusion import FusionPipeline, train
+from fusion import FusionForClassification, FusionPipeline, train
 from fusion import evaluate as evaluate_cli
 from fusion.data.examples import collate
 from fusion.data.sources import list_fsdd, load_mnist, load_phrases
@@ -247,7 +247,13 @@ def test_heldout_speaker_swaps_which_speaker_is_tested(two_speakers, tmp_path):
     assert sum(map(len, pools.waves.values())) == 50
     summary = train.main(["--data", str(two_speakers), "--out", str(tmp_path / "l"), "--heldout-speaker", "nicolas",
                           "--epochs", "1", "--examples-per-epoch", "64", "--tune-audio-layers", "1", *TINY])
-    assert summary["heldout"]["n"]["audio"] == 50 and summary["tuned_audio_layers"] == 1
+    assert summary["heldout"]["n"]["audio"] == 50
+    # Everything trains but Whisper, whose top layer and final norm train too.
+    model = FusionForClassification.from_pretrained(tmp_path / "l")
+    whisper = model.fusion.encoder_of("audio").encoder
+    tuned = [*whisper.layers[-1:], whisper.layer_norm]
+    expected = model.num_parameters() - whisper.num_parameters() + sum(p.numel() for m in tuned for p in m.parameters())
+    assert summary["trained_parameters"] == expected, (summary["trained_parameters"], expected)
     assert summary["heldout"]["n"]["image"] > 0 and "text" in summary["heldout"]
     assert "val" not in summary["history"][-1]  # validation would read the same held-out data: left to the final report
     with pytest.raises(SystemExit, match="has no clips"):
