@@ -11,7 +11,7 @@ from fusion.modalities import (
     subset_key,
     subsets,
 )
-from fusion.processing import FusionInputError, FusionProcessor, ProcessorSettings
+from fusion.processing import FusionInputError, ProcessorSettings
 
 
 def test_registry_names_every_tensor_of_each_modality():
@@ -50,10 +50,3 @@ def test_processor_settings_are_keyed_by_modality_and_refuse_strangers(processor
     for name, part in processor.parts.items():
         assert processor.settings.of(name) is part.settings
 
-
-def test_a_checkpoint_folder_without_a_tokenizer_is_refused(processor, tmp_path):
-    processor.save_pretrained(tmp_path)
-    assert FusionProcessor.from_pretrained(tmp_path).tokenizer.get_vocab() == processor.tokenizer.get_vocab()
-    (tmp_path / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="lacks tokenizer.json"):
-        FusionProcessor.from_pretrained(tmp_path)

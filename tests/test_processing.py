@@ -185,3 +185,7 @@ def test_processor_round_trip(processor, digit_image, tone, tmp_path):
 def test_damaged_processor_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="lacks processor_config.json"):
         FusionProcessor.from_pretrained(tmp_path)
+    # the text part loads its own files: a folder with the settings but no tokenizer names what is missing
+    (tmp_path / "processor_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer.json"):
+        FusionProcessor.from_pretrained(tmp_path)
