@@ -26,7 +26,9 @@ from ..processing import FusionProcessor
 from .examples import warp_mel
 from .voice_augment import VoiceAugment
 
-RECIPE_VERSION = 3  # bump when VoiceAugment or the variant recipe changes, so old cache files are not reused
+# Bump when the code that makes variants changes, so old cache files are not reused (the augmentation's settings
+# are part of each file's key already).
+RECIPE_VERSION = 3
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
