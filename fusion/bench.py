@@ -166,6 +166,18 @@ class _Server:
         times = self.ps.cpu_times()
         return times.user + times.system
 
+    def idle(self, *, share: float = 0.05, window: float = 0.25, timeout: float = 60.0) -> float:
+        """Wait until the server uses under `share` of one core over a `window` (its background start-up work, such
+        as the app's pass over the sample, is done); the seconds waited. Raises after `timeout` seconds."""
+        started = time.perf_counter()
+        while True:
+            before = self.cpu_s()
+            time.sleep(window)
+            if self.cpu_s() - before < share * window:
+                return round(time.perf_counter() - started, 2)
+            if time.perf_counter() - started > timeout:
+                raise RuntimeError(f"the server stayed busy for {timeout:.0f} s without a request")
+
     def rss_mb(self) -> float:
         return self.ps.memory_info().rss / 2**20
 
@@ -277,6 +289,7 @@ def _measure(server: _Server, *, requests: int, clients: tuple[int, ...], soak: 
     entry: dict = {"cold_start_s": round(time.perf_counter() - server.started, 2)}
     for _ in range(3):
         _call(client)  # warm
+    entry["waited_for_idle_s"] = server.idle()  # the app's own start-up work (the sample's pass) is not a request's
     skip = len(server.stage_records())
     cpu = server.cpu_s()
     single = [_call(client) for _ in range(requests)]

@@ -225,10 +225,11 @@ class FusionObjective(nn.Module):
 
 def training_batch(examples: list[dict], processor: FusionProcessor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The model's batch and, per modality, which items also train that modality alone: those of multimodal
-    examples where it is real rather than garbage."""
+    examples where it is real rather than garbage, and says the example's label (not a conflict's other one)."""
     batch = collate(examples, processor)
     alone = {
-        m: torch.tensor([m in e and e.get("garbage") != m and sum(k in e for k in MODALITIES) > 1 for e in examples])
+        m: torch.tensor([m in e and m not in (e.get("garbage"), e.get("conflict")) and sum(k in e for k in MODALITIES) > 1
+                         for e in examples])
         for m in MODALITIES
     }
     return batch, alone
@@ -396,6 +397,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--contrastive", type=float, default=0.5,
                         help="weight of the shared space's contrastive loss beside the classification losses")
     parser.add_argument("--garbage", type=float, default=Augment.garbage, help="chance of a garbage modality")
+    parser.add_argument("--conflict", type=float, default=Augment.conflict,
+                        help="chance that one modality of a multimodal example says another label (not trained alone)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per source (smoke runs)")
     parser.add_argument("--val-speaker", default=None,
                         help="digits task: leave this FSDD training speaker, 500 training images and fresh "
@@ -528,7 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{sum(map(len, pools.synthetic_waves.values()))} synthetic clips "
         f"({time.perf_counter() - started:.0f} s)")
 
-    maker = ExampleMaker(pools, processor, seed=args.seed, augment=Augment(garbage=args.garbage, real_share=args.real_share),
+    maker = ExampleMaker(pools, processor, seed=args.seed, augment=Augment(garbage=args.garbage, conflict=args.conflict, real_share=args.real_share),
                          **banks)
     dataset = EpochExamples(maker, args.examples_per_epoch)
     # Workers make the next batches while the model trains (every example comes from its own seed, so the batches

@@ -283,3 +283,32 @@ def test_training_can_skip_validation_and_the_final_evaluation(tmp_path):
                           "--examples-per-epoch", "64", *TINY[:-2], "--eval-every", "0", "--no-final-eval"])
     assert "heldout" not in summary and "val" not in summary["history"][-1]
     assert (tmp_path / "quiet" / "model.safetensors").is_file()
+
+
+def test_conflict_examples_say_another_label_in_one_modality_which_is_not_trained_alone(processor):
+    """With `conflict`, one modality of a multimodal example is drawn from another label (the example keeps its
+    own) and is left out of the alone terms."""
+    from fusion.data.examples import Augment, ExampleMaker, Pools
+
+    # Each label's images are filled with its own value, so an image's label can be read back from its pixels.
+    size = processor.settings.image.size
+    images = {label: [torch.full((size, size), label / 10).numpy()] for label in range(3)}
+    pools = Pools(labels=["0", "1", "2"], images=images, texts={label: [f"word{label}"] for label in range(3)})
+    quiet = dict(image_affine=0, image_thickness=0, image_occlusion=0, garbage=0.0)
+
+    def made(conflict: float) -> list[dict]:
+        maker = ExampleMaker(pools, processor, seed=1, augment=Augment(**quiet, conflict=conflict))
+        return [maker(0, index) for index in range(60)]
+
+    off, on = made(0.0), made(1.0)
+    assert all(e["conflict"] is None for e in off)
+    assert [e["label"] for e in off] == [e["label"] for e in on]  # the same labels and subsets drawn
+    pairs = [e for e in on if "image" in e and "text" in e]
+    assert pairs and all(e["conflict"] in ("image", "text") for e in pairs)
+    for e in pairs:
+        said_image = e["image"].flatten()[0] != processor.normalize_image(torch.full((1, size, size), e["label"] / 10)).flatten()[0]
+        said_text = e["text"] != f"word{e['label']}"
+        assert [said_image, said_text] == [e["conflict"] == "image", e["conflict"] == "text"], e["conflict"]
+    _, alone = train.training_batch(pairs, processor)
+    assert alone["image"].tolist() == [e["conflict"] != "image" for e in pairs]
+    assert alone["text"].tolist() == [e["conflict"] != "text" for e in pairs]
