@@ -339,6 +339,7 @@ def serve_floor(model: str, port: int, app_file: Path) -> None:
     spec.loader.exec_module(module)
     if hasattr(module, "tune_for_serving"):
         module.tune_for_serving(module.CONCURRENCY)
+    files = module.GradioFiles() if hasattr(module, "GradioFiles") else None
     pipeline = FusionPipeline.from_pretrained(model)
     demo = module.build_demo(pipeline)
     function = next(f for f in demo.fns.values() if f.api_name == "predict")
@@ -346,7 +347,15 @@ def serve_floor(model: str, port: int, app_file: Path) -> None:
     answer = function.fn(sketch, ITEM["text"], ITEM["audio"], "relevance", 0.5, "average", "average")
     function.fn = lambda *inputs: answer
     demo.queue(max_size=module.QUEUE_SIZE, default_concurrency_limit=module.CONCURRENCY)
-    demo.launch(server_name="127.0.0.1", server_port=port, max_file_size=module.MAX_FILE_SIZE)
+    if files is not None:  # stopped by SIGTERM, it cleans up as the app does, so the two leave the same behind
+        files.demo = demo
+        module._stop_on_signals(files)
+    try:
+        demo.launch(server_name="127.0.0.1", server_port=port, max_file_size=module.MAX_FILE_SIZE)
+    finally:
+        demo.close(verbose=False)
+        if files is not None:
+            files.remove()
 
 
 def main(argv: list[str] | None = None) -> dict:

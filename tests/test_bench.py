@@ -28,4 +28,5 @@ def test_quick_benchmark_measures_every_stage_precision_and_the_app(capsys):
     assert 0 <= served["waited_for_idle_s"] < 60 and 0 <= floor["waited_for_idle_s"] < 60
     assert floor["one_client"]["p50_ms"] < served["one_client"]["p50_ms"]  # the floor skips the model and drawing
     assert served["stopped"] == {"exit_code": 0, "left_in_temp": 0, "left_in_temp_mb": 0.0}  # stopped by SIGTERM
+    assert floor["stopped"] == served["stopped"]
     assert '"precisions"' in capsys.readouterr().out
