@@ -75,6 +75,10 @@ def test_upload_type_and_see_the_answer_and_heatmaps(url, browser):
     page.locator("#text-heatmap").get_by_text("sieben").click()
     page.locator("#focus").get_by_text("the word “sieben” attends to").wait_for(timeout=30_000)
     page.wait_for_selector("#token-matrix img", state="attached", timeout=30_000)
+    # The focus view redraws the image's picture too; read its size once the new one has loaded (a picture still
+    # loading reports a natural width of 0).
+    page.wait_for_function("() => { const i = document.querySelector('#image-heatmap img'); "
+                           "return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
     picture = page.locator("#image-heatmap img")
     box = picture.bounding_box()
     natural = picture.evaluate("i => [i.naturalWidth, i.naturalHeight]")
