@@ -1,13 +1,16 @@
 """The Gradio app: callbacks called with what each component passes, and the running app via gradio_client."""
 
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import httpx
@@ -147,6 +150,37 @@ def test_stale_answer_folders_cost_a_request_nothing_to_find(tmp_path, monkeypat
     now[0] = 3602.0
     folders.remove_all()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_model_events_run_in_the_same_few_threads_and_keep_their_signature_and_errors():
+    threads = app.ModelThreads(2)
+    try:
+        seen = {threads.pin(threading.get_ident)() for _ in range(50)}
+        assert 1 <= len(seen) <= 2 and threading.get_ident() not in seen
+
+        def chosen(state, evt: gr.SelectData):
+            raise gr.Error(f"nothing at {evt.index}")
+
+        pinned = threads.pin(chosen)
+        assert list(inspect.signature(pinned).parameters) == ["state", "evt"]  # Gradio finds the SelectData
+        with pytest.raises(gr.Error, match="nothing at 3"):
+            pinned(None, SimpleNamespace(index=3))
+    finally:
+        threads.close()
+
+
+def test_the_demo_runs_its_model_events_in_the_model_threads(pipe, monkeypatch):
+    threads = app.ModelThreads(2)
+    ran_in = []
+    monkeypatch.setattr(app, "predict", lambda *a: ran_in.append(threading.current_thread().name))
+    monkeypatch.setattr(app, "find_matching", lambda *a: ran_in.append(threading.current_thread().name))
+    try:
+        demo = app.build_demo(pipe, threads)
+        for name in ("predict", "find"):
+            next(f for f in demo.fns.values() if f.api_name == name).fn(None, None, None, None, None)
+        assert len(ran_in) == 2 and all(name.startswith("model") for name in ran_in)
+    finally:
+        threads.close()
 
 
 def test_answer_folders_of_stopped_processes_are_removed_at_start(tmp_path):
