@@ -1,6 +1,9 @@
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fusion import FusionPipeline
 from fusion.explain import (
@@ -10,7 +13,7 @@ from fusion.explain import (
     shapley_values,
     text_pieces,
 )
-from fusion.render import colorize, overlay
+from fusion.render import colorize, overlay, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +184,14 @@ def test_present_gathers_what_a_page_shows(pipe, inputs):
     assert present(with_image, base_image(inputs["image"])).pictures["image_overlay.png"].startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="present needs an explained prediction"):
         present(pipe(text="sieben"), None)
+
+
+@pytest.mark.parametrize("shape", [(280, 344, 3), (1, 1, 3), (1, 57, 3), (33, 1, 3), (5, 7, 4), (6, 9)])
+def test_png_bytes_decode_to_the_same_pixels(shape):
+    rng = np.random.default_rng(sum(shape))
+    picture = rng.integers(0, 256, shape, dtype=np.uint8)
+    picture[: shape[0] // 2] = 255  # flat rows beside noisy ones: the up filter's differences wrap around 0 and 255
+    data = png_bytes(picture)
+    decoded = Image.open(io.BytesIO(data))
+    decoded.load()  # a bad checksum or truncated stream fails here
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and np.array_equal(np.asarray(decoded), picture)
