@@ -157,6 +157,29 @@ def test_trust_compares_top_cells_with_random_ones(explained):
         pipe.trust(pipe(text="seven"))
 
 
+def test_trust_encodes_each_distinct_clip_once_and_answers_the_same(explained, monkeypatch):
+    from fusion.pipeline import _audio_encoded_once, _removed
+
+    pipe, prediction, _ = explained
+    inputs = prediction.explanation.inputs
+    variants = [inputs, _removed(inputs, "audio", np.arange(5)), _removed(inputs, "image", np.arange(5)),
+                _removed(inputs, "text", np.arange(1)), _removed(inputs, "audio", np.arange(5, 10))]
+    changed = [None, "audio", "image", "text", "audio"]
+    batch = {key: torch.cat([v[key] for v in variants]) for key in inputs}
+    encoder = pipe.model.fusion.encoder_of("audio")
+    encoded_rows = []
+    features = encoder.features
+    monkeypatch.setattr(encoder, "features", lambda values, **kw: (encoded_rows.append(len(values)), features(values, **kw))[1])
+    with torch.inference_mode():
+        once = _audio_encoded_once(pipe.model, batch, changed)
+        shared = pipe.model(**once).logits.float()
+        assert encoded_rows == [3]  # row 0 and the two rows whose clip changed
+        full = pipe.model(**batch).logits.float()
+    assert "audio_values" not in once and once["audio_encoder_states"].shape[0] == len(variants)
+    close = 1e-4 if pipe.precision == "fp32" else 3e-2  # half precision rounds a batch of 3 and of 5 apart
+    torch.testing.assert_close(shared, full, atol=close, rtol=close)
+
+
 def test_comparison_with_full_precision(explained):
     """fp32 against itself agrees exactly; int8 and bf16 come close (a random tiny model, so only loosely)."""
     pipe, prediction, _ = explained
