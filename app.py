@@ -692,12 +692,12 @@ class ModelThreads:
     when idle. Each thread that has run the model keeps per-thread buffers of the maths libraries after it ends:
     1,000 predictions from 40 short-lived threads grew a process by 43 MB, the same from one thread by nothing.
     `pin` makes an event's function run in one of these threads instead (its caller waits), so the app's memory
-    stays flat under load whatever Gradio does with its own threads.
+    stays flat under load whatever Gradio does with its own threads. Two threads per prediction computed at once
+    (`concurrency`), so that an answer and its follow-up checks can run side by side.
     """
 
-    def __init__(self, size: int):
-        self.size = size
-        self._pool = ThreadPoolExecutor(size, thread_name_prefix="model")
+    def __init__(self, concurrency: int = CONCURRENCY):
+        self._pool = ThreadPoolExecutor(2 * concurrency, thread_name_prefix="model")
 
     def pin(self, function):
         """`function`, run in one of these threads; its signature stays visible to Gradio (`gr.SelectData`)."""
@@ -713,9 +713,8 @@ class ModelThreads:
 
 
 def build_demo(pipeline: FusionPipeline, threads: ModelThreads | None = None) -> gr.Blocks:
-    """The interface around `pipeline`. Events that run the model run in `threads` (default: two per prediction
-    computed at once, `CONCURRENCY`), so an answer and its follow-up checks can run side by side."""
-    pin = (threads or ModelThreads(2 * CONCURRENCY)).pin
+    """The interface around `pipeline`; events that run the model run in `threads` (default: for `CONCURRENCY`)."""
+    pin = (threads or ModelThreads()).pin
     layers = [AVERAGE] + [f"layer {i + 1}" for i in range(pipeline.model.config.num_hidden_layers)]
     heads = [AVERAGE] + [f"head {i + 1}" for i in range(pipeline.model.config.num_attention_heads)]
     with gr.Blocks(title="fusion", delete_cache=(1800, 3600)) as demo:
@@ -937,7 +936,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("loading %s …", args.model)
     pipeline = FusionPipeline.from_pretrained(args.model, precision=args.precision, device=args.device)
     log.info("ready: %s, %d torch threads", pipeline.description, torch.get_num_threads())
-    threads = ModelThreads(2 * args.concurrency)
+    threads = ModelThreads(args.concurrency)
     demo = build_demo(pipeline, threads)
     if pipeline.model.embedding_head is not None:
         SAMPLE.warm(pipeline)  # the dataset view's default and the gallery, ready before anyone asks

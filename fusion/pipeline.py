@@ -410,7 +410,8 @@ def _audio_encoded_once(model: FusionForClassification, batch: dict[str, torch.T
     """`batch` (rows that are copies of row 0 except in the modality `changed` names) with the audio encoder's
     output in place of the spectrograms, computed once for row 0 and once per row whose audio was changed: of
     `trust`'s 13 rows for three modalities, 5 pass through Whisper instead of 13, the same numbers for about half
-    the cost of the check. Unchanged where the item has no audio."""
+    the cost of the check. Audio only: it is the one modality whose encoder output the model takes in place of
+    its input (`audio_encoder_states`), and the encoder that costs the most. Unchanged where the item has no audio."""
     mask = batch.get("audio_mask")
     if "audio_values" not in batch or (mask is not None and not bool(mask[0])):
         return batch

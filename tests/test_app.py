@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from gradio.utils import get_type_hints
 from PIL import Image
 
 import app
@@ -153,7 +154,7 @@ def test_stale_answer_folders_cost_a_request_nothing_to_find(tmp_path, monkeypat
 
 
 def test_model_events_run_in_the_same_few_threads_and_keep_their_signature_and_errors():
-    threads = app.ModelThreads(2)
+    threads = app.ModelThreads(concurrency=1)
     try:
         seen = {threads.pin(threading.get_ident)() for _ in range(50)}
         assert 1 <= len(seen) <= 2 and threading.get_ident() not in seen
@@ -162,7 +163,8 @@ def test_model_events_run_in_the_same_few_threads_and_keep_their_signature_and_e
             raise gr.Error(f"nothing at {evt.index}")
 
         pinned = threads.pin(chosen)
-        assert list(inspect.signature(pinned).parameters) == ["state", "evt"]  # Gradio finds the SelectData
+        assert list(inspect.signature(pinned).parameters) == ["state", "evt"]
+        assert get_type_hints(pinned)["evt"] is gr.SelectData  # how Gradio decides to pass the click
         with pytest.raises(gr.Error, match="nothing at 3"):
             pinned(None, SimpleNamespace(index=3))
     finally:
@@ -170,7 +172,7 @@ def test_model_events_run_in_the_same_few_threads_and_keep_their_signature_and_e
 
 
 def test_the_demo_runs_its_model_events_in_the_model_threads(pipe, monkeypatch):
-    threads = app.ModelThreads(2)
+    threads = app.ModelThreads(concurrency=1)
     ran_in = []
     monkeypatch.setattr(app, "predict", lambda *a: ran_in.append(threading.current_thread().name))
     monkeypatch.setattr(app, "find_matching", lambda *a: ran_in.append(threading.current_thread().name))
@@ -179,6 +181,9 @@ def test_the_demo_runs_its_model_events_in_the_model_threads(pipe, monkeypatch):
         for name in ("predict", "find"):
             next(f for f in demo.fns.values() if f.api_name == name).fn(None, None, None, None, None)
         assert len(ran_in) == 2 and all(name.startswith("model") for name in ran_in)
+        # Pinned or not, every click handler still tells Gradio that it wants the click's data.
+        clicked = {f.name for f in demo.fns.values() if gr.SelectData in get_type_hints(f.fn).values()}
+        assert {"open_chosen", "explain_chosen_row", "clicked_image", "clicked_word"} <= clicked
     finally:
         threads.close()
 
