@@ -38,6 +38,12 @@ class FusionConfig(PretrainedConfig):
             whose answers int8 weights move too far; None: every eligible linear layer becomes int8.
         pruned (`dict[str, int]`): blocks made smaller by `fusion.compress prune`: each block's module name under
             the base model and how many attention heads or MLP channels it kept; None: nothing pruned.
+        audio_views (`list[float]`): besides the spectrogram as given, the frequency scales at which a clip is also
+            heard (0.85: every frequency, formants and pitch, 15% lower, as a larger vocal tract would say it);
+            each clip is answered at the scale that is surest of the class the scales agree on (see
+            `FusionForClassification.audio_view`). None or empty: as given only.
+        audio_views_below (`float` or `None`): only a clip whose answer as given has a top probability below this
+            tries the views; a surer one is heard as given. None: every clip tries them.
         id2label (`dict[int, str]`): the classes; at least two.
 
     Example:
@@ -69,6 +75,8 @@ class FusionConfig(PretrainedConfig):
     embedding_size: int | None = None
     int8_skip_modules: list[str] | None = None
     pruned: dict[str, int] | None = None
+    audio_views: list[float] | None = None
+    audio_views_below: float | None = None
 
     def __post_init__(self, **kwargs):
         for key in self.sub_configs_defaults:  # read by the parent's sub-config step as attributes
@@ -91,6 +99,14 @@ class FusionConfig(PretrainedConfig):
         if self.pruned is not None and not (isinstance(self.pruned, dict) and all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in self.pruned.items())):
             raise ValueError(f"FusionConfig.pruned must map module names to positive unit counts, got {self.pruned!r}")
+        views = self.audio_views
+        if views is not None and not (isinstance(views, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0.5 <= v <= 2.0 and v != 1.0 for v in views)):
+            raise ValueError("FusionConfig.audio_views must be a list of frequency scales in [0.5, 2] other than 1 "
+                             f"(the clip as given is always heard), got {views!r}")
+        below = self.audio_views_below
+        if below is not None and (not isinstance(below, (int, float)) or isinstance(below, bool) or not 0 < below <= 1):
+            raise ValueError(f"FusionConfig.audio_views_below must be a probability in (0, 1] or None, got {below!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"FusionConfig.hidden_size ({self.hidden_size}) must be divisible by "

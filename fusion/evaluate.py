@@ -87,9 +87,10 @@ def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128
     if not audio:
         return pools
     modality = pipeline.model.fusion.encoder_of("audio")
+    model = pipeline.model
     encoder = modality.encoder
-    was_training = encoder.training
-    encoder.eval()
+    was_training = model.training
+    model.eval()  # the encoder, and the answers that choose each clip's view (`audio_view`)
     encoded: dict[int, list] = {}
     try:
         for label, features in audio.items():
@@ -101,10 +102,11 @@ def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128
                 with torch.inference_mode():
                     values = inputs["audio_values"].to(pipeline.device, next(encoder.parameters()).dtype
                                                        if pipeline.precision in HALF_PRECISIONS else torch.float32)
-                    states += list(modality.features(values)[0].cpu())
+                    _, _, heard = model.audio_view(values)  # as the model's forward hears them
+                    states += list((modality.features(values)[0] if heard is None else heard[0]).cpu())
             encoded[label] = states
     finally:
-        encoder.train(was_training)
+        model.train(was_training)
     return dict(pools, audio=encoded)
 
 

@@ -117,6 +117,18 @@ def encoder_width(config: PretrainedConfig) -> int:
     return config.hidden_size
 
 
+def warp_frequencies(features: torch.Tensor, scale: float) -> torch.Tensor:
+    """Spectrograms (B, mel, frames) with their frequency axis stretched by `scale` (below 1: every frequency
+    lower, as a longer vocal tract says it): bins beyond the top are dropped, missing ones repeat the top bin.
+    Linear in `features`, so gradients (and relevance) flow back to the spectrogram as given."""
+    batch, mel, frames = features.shape
+    size = (max(1, round(mel * scale)), frames)
+    warped = F.interpolate(features[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]  # (B, mel', frames)
+    if warped.shape[1] >= mel:
+        return warped[:, :mel]
+    return torch.cat([warped, warped[:, -1:].expand(batch, mel - warped.shape[1], frames)], dim=1)
+
+
 # Families whose `AutoModel` is an encoder-decoder: only their encoder is built.
 ENCODER_ONLY = {"whisper": WhisperEncoder}
 
@@ -204,6 +216,9 @@ class FusionOutput(ModelOutput):
         modality_mask (`dict[str, torch.BoolTensor]`): per modality, which items of the batch carried it.
         encoded (`torch.FloatTensor` of shape `(B, N, F)`): the fused sequence before the fusion layers (summary
             token and every modality's projected tokens), for `fuse` over a subset of them.
+        audio_scales (`torch.FloatTensor` of shape `(B,)`): the frequency scale each item's audio was heard at
+            (`config.audio_views`; 1 for the spectrogram as given and for items without audio); None when the
+            model has no views or was given the audio encoder's states.
     """
 
     loss: torch.Tensor | None = None
@@ -217,6 +232,7 @@ class FusionOutput(ModelOutput):
     token_mask: torch.Tensor | None = None
     modality_mask: dict[str, torch.Tensor] | None = None
     encoded: torch.Tensor | None = None
+    audio_scales: torch.Tensor | None = None
 
 
 def flatten_8bit_inputs(model: nn.Module) -> None:
@@ -647,7 +663,14 @@ class FusionForClassification(FusionPreTrainedModel):
         output_attentions: bool = False,
         audio_encoder_states: torch.Tensor | None = None,
     ) -> FusionOutput:
-        """The base model's arguments (see [`FusionModel.forward`]) and `labels` (`(B,)` long), for the loss."""
+        """The base model's arguments (see [`FusionModel.forward`]) and `labels` (`(B,)` long), for the loss. With
+        `config.audio_views`, each clip given as `audio_values` is first moved to its view (`audio_view`) in eval
+        mode; training hears clips as given (its augmentation varies the voices already)."""
+        scales, heard_attentions = None, None
+        if audio_values is not None and self.config.audio_views and not self.training:
+            audio_values, scales, heard = self.audio_view(audio_values, audio_mask, output_attentions=output_attentions)
+            if heard is not None:  # the encoder's output for the chosen views, computed while choosing them
+                audio_values, (audio_encoder_states, heard_attentions) = None, heard
         out = self.fusion(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, audio_values=audio_values,
             image_mask=image_mask, text_mask=text_mask, audio_mask=audio_mask, output_attentions=output_attentions,
@@ -656,7 +679,67 @@ class FusionForClassification(FusionPreTrainedModel):
         assert out.summary is not None
         out.logits = self.head(out.summary)
         out.loss = F.cross_entropy(out.logits.float(), labels.to(out.logits.device)) if labels is not None else None
+        out.audio_scales = scales
+        if output_attentions and heard_attentions:
+            out.encoder_attentions = {**(out.encoder_attentions or {}), "audio": heard_attentions}
         return out
+
+    def audio_view(self, audio_values: torch.Tensor, audio_mask: torch.Tensor | None = None, *,
+                   output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """Each spectrogram (B, mel, frames) at the frequency scale it is heard at, those scales (B,), and, where the
+        choice already computed it, the audio encoder's output for the chosen views (B, T, E; zeros for items
+        without audio) with its attentions over the items with audio (when `output_attentions`), else None.
+
+        A clip is first heard alone as given. If its top probability is below `config.audio_views_below` (or that
+        is None), it is also heard at each scale of `config.audio_views`; the class with the highest mean
+        probability over all its views is the one they agree on, and the clip is answered at the view that gives
+        that class the highest probability. A voice higher than any the model trained on is then heard lower
+        (see the model card). The choice itself carries no gradient; the chosen warp is linear, so relevance
+        still reaches every cell of the spectrogram as given. Items without audio keep scale 1.
+
+        The pass as given runs with gradients when they are on, so an answer explained at the view as given (the
+        usual case) reuses it; other views are heard without gradients, so an answer explained at one of them hears
+        it again (the encoder's output is then None).
+        """
+        scales = [1.0, *(self.config.audio_views or [])]
+        batch = audio_values.shape[0]
+        chosen = torch.ones(batch, device=audio_values.device)
+        rows = (torch.ones(batch, dtype=torch.bool, device=audio_values.device) if audio_mask is None
+                else audio_mask.to(audio_values.device).bool()).nonzero(as_tuple=True)[0]
+        if len(scales) == 1 or not len(rows):
+            return audio_values, chosen, None
+        encoder = self.fusion.encoder_of("audio")
+
+        def alone(features: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                summary = self.fusion(audio_encoder_states=features.detach()).summary
+                assert summary is not None
+                return self.head(summary).float().softmax(dim=-1)  # (R, K)
+
+        first_features, attentions = encoder.features(audio_values[rows], output_attentions=output_attentions)
+        first = alone(first_features)
+        heard = first_features.new_zeros(batch, *first_features.shape[1:]).index_copy(0, rows, first_features)  # (B, T, E)
+        below = self.config.audio_views_below
+        unsure = torch.ones_like(rows, dtype=torch.bool) if below is None else first.max(dim=-1).values < below
+        if not unsure.any():
+            return audio_values, chosen, (heard, attentions)
+        with torch.no_grad():
+            unsure_rows, given = rows[unsure], audio_values[rows[unsure]].detach()
+            other_features, _ = encoder.features(torch.cat([warp_frequencies(given, s) for s in scales[1:]]))
+            probs = torch.cat([first[unsure], alone(other_features)]).view(len(scales), len(unsure_rows), -1)  # (V, U, K)
+            agreed = probs.mean(dim=0).argmax(dim=-1)  # (U,)
+            best = probs[:, torch.arange(len(unsure_rows)), agreed].argmax(dim=0)  # (U,) index of the view
+            chosen[unsure_rows] = torch.tensor(scales, device=chosen.device)[best]
+        values = torch.cat([audio_values[i : i + 1] if float(s) == 1.0 else warp_frequencies(audio_values[i : i + 1], float(s))
+                            for i, s in enumerate(chosen.tolist())])
+        if bool((chosen == 1.0).all()):
+            return values, chosen, (heard, attentions)
+        if torch.is_grad_enabled() or output_attentions:
+            return values, chosen, None  # the forward hears the chosen views again, with gradients and attentions
+        features = torch.cat([first_features[unsure].detach(), other_features]).view(len(scales), len(unsure_rows),
+                                                                                    *first_features.shape[1:])
+        heard[unsure_rows] = features[best, torch.arange(len(unsure_rows))]
+        return values, chosen, (heard, None)
 
     def head(self, summary: torch.Tensor) -> torch.Tensor:
         """Logits (B, K) from summary states (B, F)."""

@@ -15,7 +15,7 @@ import torch
 from .cross_attention import CrossAttention, cross_attention, token_attention
 from .explain import Explanation, counterfactuals, explain_item
 from .modalities import HALF_PRECISIONS, MODALITIES, PRECISIONS, REGISTRY
-from .modeling import FusionForClassification, FusionOutput
+from .modeling import FusionForClassification, FusionOutput, warp_frequencies
 from .processing import FusionInputError, FusionProcessor
 from .retrieval import Gallery, Match, as_item, build_gallery, embed_items
 
@@ -30,7 +30,8 @@ class Prediction:
         label (`str`): the most probable class.
         probs (`dict[str, float]`): probability of every class, summing to 1.
         modalities (`list[str]`): the modalities the answer used.
-        meta (`dict`): preprocessing facts (image geometry, audio window start, text truncation).
+        meta (`dict`): preprocessing facts (image geometry, audio window start, text truncation) and, where the model
+            hears clips at several views (`FusionConfig.audio_views`), `audio_scale`: the one this clip was heard at.
         timings (`dict[str, float]`): seconds spent per stage.
     """
 
@@ -272,9 +273,14 @@ class FusionPipeline:
         batch = self.processor(items)
         preprocessed = time.perf_counter()
         if not explain:
-            probs = self.logits(batch).float().softmax(dim=-1).cpu()
+            out = self.forward(batch)
+            assert out.logits is not None  # a classification model always gives them
+            probs = out.logits.float().softmax(dim=-1).cpu()
             timings = {"preprocess": preprocessed - started, "forward": time.perf_counter() - preprocessed}
             predictions = [self._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
+            for prediction, scale in zip(predictions, [] if out.audio_scales is None else out.audio_scales.tolist()):
+                if "audio" in prediction.modalities:
+                    prediction.meta["audio_scale"] = scale
         else:
             # The explanation's own forward pass gives the probabilities: no separate plain pass.
             predictions = []
@@ -304,6 +310,12 @@ class FusionPipeline:
         )
         if info.get("text_truncated") or info.get("text_characters_cut"):
             explanation.notes.append(f"the text was truncated to {self.processor.settings.text.max_tokens} tokens")
+        if output.audio_scales is not None and "audio" in info["modalities"]:
+            info["audio_scale"] = scale = float(output.audio_scales[0])
+            if scale != 1.0:
+                explanation.notes.append(
+                    f"the voice was heard with every frequency × {scale:g} ({'lower' if scale < 1 else 'higher'}): of the "
+                    "views the model hears a clip at, that one was surest of the class they agreed on")
         index = self.labels.index(explanation.target)
         explanation.counterfactuals, explanation.shapley, explanation.agreement = counterfactuals(
             self.model, output, info["modalities"], index, explanation.embeddings)
@@ -347,7 +359,8 @@ class FusionPipeline:
             return {}
         batch = {key: torch.cat([v[key] for v in variants]) for key in inputs}
         with torch.inference_mode():
-            logits = self.model(**_audio_encoded_once(self.model, batch, changed)).logits
+            heard = _audio_encoded_once(self.model, batch, changed, scale=prediction.meta.get("audio_scale", 1.0))
+            logits = self.model(**heard).logits
         assert logits is not None
         probs = logits.float().softmax(dim=-1)[:, self.labels.index(explanation.target)].cpu().numpy()
         result, row = {}, 1
@@ -406,18 +419,23 @@ def _top_overlap(a: np.ndarray, b: np.ndarray, fraction: float = 0.1) -> float:
 
 
 def _audio_encoded_once(model: FusionForClassification, batch: dict[str, torch.Tensor],
-                        changed: list[str | None]) -> dict[str, torch.Tensor]:
+                        changed: list[str | None], *, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """`batch` (rows that are copies of row 0 except in the modality `changed` names) with the audio encoder's
     output in place of the spectrograms, computed once for row 0 and once per row whose audio was changed: of
     `trust`'s 13 rows for three modalities, 5 pass through Whisper instead of 13, the same numbers for about half
     the cost of the check. Audio only: it is the one modality whose encoder output the model takes in place of
-    its input (`audio_encoder_states`), and the encoder that costs the most. Unchanged where the item has no audio."""
+    its input (`audio_encoder_states`), and the encoder that costs the most. Every clip is heard at `scale`, the
+    view the explained answer heard row 0 at (`FusionConfig.audio_views`): the check tests the maps of that answer,
+    and a clip with cells removed choosing a view of its own would mix the two. Unchanged where the item has no
+    audio."""
     mask = batch.get("audio_mask")
     if "audio_values" not in batch or (mask is not None and not bool(mask[0])):
         return batch
     own = [0] + [row for row, name in enumerate(changed) if name == "audio"]  # rows with a spectrogram of their own
     slot = {row: index for index, row in enumerate(own)}
-    features, _ = model.fusion.encoder_of("audio").features(batch["audio_values"][own])  # (len(own), T, E)
+    heard = batch["audio_values"][own]
+    heard = heard if scale == 1.0 else warp_frequencies(heard, scale)
+    features, _ = model.fusion.encoder_of("audio").features(heard)  # (len(own), T, E)
     source = torch.tensor([slot[row] if name == "audio" else 0 for row, name in enumerate(changed)], device=features.device)
     out = {key: value for key, value in batch.items() if key != "audio_values"}
     out["audio_encoder_states"] = features[source]  # (B, T, E)

@@ -368,6 +368,14 @@ def widths(text: str) -> tuple[int, ...]:
     return tuple(int(w) for w in text.split(","))
 
 
+def scales(text: str) -> list[float]:
+    """`--audio-views`: comma-separated numbers; empty for none."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated frequency scales such as 0.9,0.8,1.1, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="folder with mnist/ and fsdd/ (the digits task)")
@@ -419,6 +427,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Whisper: train its top N layers (at --audio-lr) on the cached input of those layers; "
                         "0: all frozen")
     parser.add_argument("--audio-lr", type=float, default=1e-4, help="learning rate of the tuned Whisper layers")
+    parser.add_argument("--audio-views", type=scales, default=[0.9, 0.8, 1.1],
+                        help="frequency scales at which the trained model also hears a clip it is unsure of, comma-separated "
+                        "(FusionConfig.audio_views; inference only, chosen on validation); empty: none")
+    parser.add_argument("--audio-views-below", type=float, default=0.8,
+                        help="a clip tries the audio views when its top probability as given is below this")
     parser.add_argument("--audio-variants", type=int, default=4,
                         help="frozen audio encoder: versions of each clip cached, the first as recorded, the rest augmented")
     parser.add_argument("--real-share", type=float, default=Augment.real_share,
@@ -502,6 +515,12 @@ def main(argv: list[str] | None = None) -> dict:
                                 conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
                                 text_width=args.text_width, audio_config=audio_config, embedding_size=args.embedding_size or None)
         model = FusionForClassification(config)
+    model.config.audio_views = args.audio_views or None
+    model.config.audio_views_below = args.audio_views_below if args.audio_views else None
+    try:
+        model.config.validate_fusion()
+    except ValueError as error:
+        raise SystemExit(f"--audio-views / --audio-views-below: {error}") from None
     banks = {}
     if model.config.modality_config("audio").model_type == "whisper":  # with --init, whatever the checkpoint has
         speech = model.fusion.encoder_of("audio")

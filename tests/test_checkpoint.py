@@ -89,10 +89,17 @@ def test_examples_answer_as_labelled(fp32):
     assert fp32(text="drei").label == "3"
     assert fp32(audio=str(examples / "spoken-2.wav")).label == "2"
     assert fp32(audio=str(examples / "spoken-7.wav")).label == "7"
-    # A woman's voice from an engine never trained on, fixed before the model heard it: the shipped checkpoint
-    # hears this "four" as 1 (74%) with 4 second (21%), as the examples' README says; it is held to the top two.
-    woman = fp32(audio=str(examples / "spoken-4-woman.wav")).probs
-    assert "4" in sorted(woman, key=woman.get)[-2:], woman
+    # A woman's voice from an engine never trained on, fixed before the model heard it. As given, the shipped
+    # weights hear this "four" as 1 (74%); unsure, the clip tries its audio views and is answered 4 at 0.9, as the
+    # examples' README says.
+    woman = fp32(audio=str(examples / "spoken-4-woman.wav"))
+    assert (woman.label, woman.meta["audio_scale"]) == ("4", pytest.approx(0.9)), (woman.probs, woman.meta)
+    views = fp32.model.config.audio_views
+    try:
+        fp32.model.config.audio_views = None
+        assert fp32(audio=str(examples / "spoken-4-woman.wav")).label == "1"
+    finally:
+        fp32.model.config.audio_views = views
     assert fp32(image=str(examples / "digit-7.png"), text="sieben", audio=str(examples / "spoken-7.wav")).label == "7"
 
 

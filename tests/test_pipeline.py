@@ -114,3 +114,25 @@ def test_missing_or_damaged_checkpoint_names_what_is_missing(tiny_checkpoint, tm
     (damaged / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="lacks model.safetensors, tokenizer.json"):
         FusionPipeline.from_pretrained(damaged)
+
+
+def test_a_model_with_audio_views_says_which_it_heard_and_checks_its_maps_there(tmp_path, tokenizer, processor):
+    from .conftest import tiny_model
+
+    tiny_model(tokenizer, audio_views=[0.5, 2.0]).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = FusionPipeline.from_pretrained(tmp_path, precision="fp32")
+    rate, t = 16000, np.arange(8000) / 16000
+    tones = [(rate, (0.5 * np.sin(2 * np.pi * f * t) * np.hanning(8000)).astype(np.float32)) for f in (150, 300, 600, 1200, 2000, 3500)]
+    plain = pipe([{"audio": tone} for tone in tones])
+    scales = [p.meta["audio_scale"] for p in plain]
+    assert set(scales) <= {0.5, 1.0, 2.0} and len(set(scales)) > 1
+    for tone, answer in zip(tones, plain):
+        explained = pipe(audio=tone, text="seven", explain=True)
+        alone = pipe(audio=tone, explain=True)
+        assert alone.meta["audio_scale"] == answer.meta["audio_scale"]  # a clip's view depends on the clip only
+        assert alone.label == answer.label and alone.probs == pytest.approx(answer.probs, abs=1e-5)
+        noted = [n for n in explained.explanation.notes if "heard with every frequency" in n]
+        assert len(noted) == (explained.meta["audio_scale"] != 1.0)
+        assert set(pipe.trust(explained)) == {"audio", "text"}
+    assert "audio_scale" not in pipe(text="seven").meta

@@ -219,3 +219,88 @@ def test_from_encoders_takes_the_encoder_of_a_whisper_checkpoint(tmp_path):
     source = WhisperModel.from_pretrained(tmp_path).get_encoder()
     assert torch.equal(model.fusion.encoders["audio"].encoder.layers[0].fc1.weight, source.layers[0].fc1.weight)
     assert model(audio_values=torch.randn(1, 80, 100)).logits.shape == (1, 2)
+
+
+def views_model(views=(0.8, 1.25)) -> FusionForClassification:
+    torch.manual_seed(0)
+    return FusionForClassification(tiny_config(audio_config=tiny_whisper_config(), audio_views=list(views))).eval()
+
+
+def test_audio_views_answer_each_clip_at_the_view_surest_of_the_agreed_class():
+    from fusion.modeling import warp_frequencies
+
+    model = views_model()
+    torch.manual_seed(1)
+    audio = torch.randn(8, 80, 100) * torch.linspace(0.2, 3, 8)[:, None, None]
+    images = torch.randn(8, 1, 28, 28)
+    present = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    scales = [1.0, 0.8, 1.25]
+    with torch.no_grad():  # each clip alone at each scale, as given to a model without views
+        probs = torch.stack([model.head(model.fusion(audio_values=audio if s == 1 else warp_frequencies(audio, s)).summary)
+                             .softmax(dim=-1) for s in scales])  # (V, B, K)
+    agreed = probs.mean(dim=0).argmax(dim=-1)
+    expected = torch.tensor([scales[int(probs[:, i, agreed[i]].argmax())] for i in range(8)])
+    expected[7] = 1.0  # no audio: nothing to hear
+    assert len(set(expected[:7].tolist())) > 1  # these clips are not all heard at one scale
+    with torch.no_grad():
+        viewed = model(audio_values=audio, audio_mask=present, pixel_values=images)
+        heard = torch.cat([warp_frequencies(audio[i : i + 1], float(s)) for i, s in enumerate(expected)])
+        model.config.audio_views = None
+        plain = model(audio_values=heard, audio_mask=present, pixel_values=images)
+        model.config.audio_views = [0.8, 1.25]
+        with torch.enable_grad():  # the path that hears the chosen views again, for gradients
+            again = model(audio_values=audio, audio_mask=present, pixel_values=images)
+    torch.testing.assert_close(viewed.audio_scales, expected)
+    torch.testing.assert_close(again.audio_scales, expected)
+    assert plain.audio_scales is None
+    torch.testing.assert_close(viewed.logits, plain.logits, atol=1e-5, rtol=1e-5)  # the answer is the chosen view's
+    torch.testing.assert_close(again.logits, plain.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_audio_views_are_tried_only_by_clips_unsure_as_given():
+    model = views_model()
+    torch.manual_seed(1)
+    audio = torch.randn(8, 80, 100) * torch.linspace(0.2, 3, 8)[:, None, None]
+    model.config.audio_views_below = None
+    with torch.no_grad():
+        always = model(audio_values=audio).audio_scales
+        model.config.audio_views = None
+        sure = model(audio_values=audio).logits.softmax(dim=-1).max(dim=-1).values
+        model.config.audio_views, model.config.audio_views_below = [0.8, 1.25], float(sure.median())
+        some = model(audio_values=audio).audio_scales
+    tried = sure < float(sure.median())
+    assert 0 < int(tried.sum()) < 8 and (always[~tried] != 1).any()  # some sure clips would have moved
+    torch.testing.assert_close(some, torch.where(tried, always, torch.ones_like(always)))
+
+
+def test_audio_views_keep_relevance_on_the_spectrogram_as_given():
+    from fusion.explain import explain_item
+
+    model = views_model(views=(2.0,))  # the view keeps the spectrogram's lower half, stretched over all of it
+    torch.manual_seed(2)
+    audio = torch.randn(6, 80, 100) * torch.linspace(0.2, 3, 6)[:, None, None]
+    with torch.no_grad():
+        scales = model(audio_values=audio).audio_scales.tolist()
+    assert set(scales) == {1.0, 2.0}
+    for scale in (1.0, 2.0):
+        inputs = {"audio_values": audio[scales.index(scale)][None], "audio_mask": torch.ones(1, dtype=torch.bool)}
+        probs, explanation, out = explain_item(model, inputs, {"audio_start": 0.0}, frame_seconds=0.01)
+        assert float(out.audio_scales[0]) == scale
+        heat = explanation.audio_heatmap
+        assert heat.shape == (80, 100) and np.isfinite(heat).all() and heat[:40].max() > 0
+        assert (heat[41:].max() == 0) == (scale == 2.0)  # the top half is not heard at scale 2
+        with torch.no_grad():
+            torch.testing.assert_close(probs, model(**inputs).logits.softmax(dim=-1)[0])
+        if scale == 1.0:  # heard as given: the very explanation of the model without views
+            model.config.audio_views = None
+            _, plain, _ = explain_item(model, inputs, {"audio_start": 0.0}, frame_seconds=0.01)
+            model.config.audio_views = [2.0]
+            np.testing.assert_allclose(heat, plain.audio_heatmap, atol=1e-6)
+            assert explanation.modality_shares == pytest.approx(plain.modality_shares)
+
+
+@pytest.mark.parametrize("views", [[1.0], [0.3], [2.5], ["0.8"], [True], 0.8])
+def test_audio_views_are_checked(views):
+    with pytest.raises(ValueError, match="audio_views must be a list of frequency scales"):
+        tiny_config(audio_views=views)
+    assert tiny_config(audio_views=[0.85]).audio_views == [0.85]

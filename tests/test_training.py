@@ -63,6 +63,10 @@ def test_tiny_manifest_training_lowers_loss_and_writes_a_loadable_checkpoint(man
     pipe = FusionPipeline.from_pretrained(out, precision="fp32")
     assert sorted(pipe.labels) == sorted(f"digit {d}" for d in range(10))
     assert pipe(text="seven").label.startswith("digit ")
+    # The model hears an unsure clip at the validated views too (inference only).
+    assert (pipe.model.config.audio_views, pipe.model.config.audio_views_below) == ([0.9, 0.8, 1.1], 0.8)
+    with pytest.raises(SystemExit, match=r"--audio-views.*in \[0.5, 2\]"):
+        train.main(["--manifest", str(manifest), "--out", str(tmp_path / "bad"), "--epochs", "1", "--audio-views", "0.3", *TINY])
 
 
 def test_same_seed_same_weights(manifest, tmp_path):
@@ -227,8 +231,9 @@ def test_validation_speaker_is_left_out_of_training(two_speakers, tmp_path):
     seen = {image.tobytes() for images in pools.images.values() for image in images}
     assert not any(image.tobytes() in seen for images in validation.images.values() for image in images)
     summary = train.main(["--data", str(two_speakers), "--out", str(tmp_path / "v"), "--val-speaker", "nicolas",
-                          "--epochs", "1", "--examples-per-epoch", "64", *TINY[:-2], "--eval-every", "1"])
+                          "--epochs", "1", "--examples-per-epoch", "64", *TINY[:-2], "--eval-every", "1", "--audio-views", ""])
     assert summary["val"].startswith("speaker nicolas") and "audio" in summary["history"][-1]["val"]
+    assert FusionForClassification.from_pretrained(tmp_path / "v").config.audio_views is None
     assert summary["heldout"]["n"]["audio"] == 50  # the test speaker, evaluated once at the end
 
 

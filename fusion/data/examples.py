@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from ..feature_extraction import load_waveform, prepare_waveform
 from ..image_processing import prepare_image
 from ..modalities import MODALITIES, subsets
+from ..modeling import warp_frequencies
 from ..processing import FusionProcessor
 from . import phrases
 
@@ -230,12 +231,8 @@ class ExampleMaker:
 
 def warp_mel(features: torch.Tensor, scale: float) -> torch.Tensor:
     """A (mel, frames) spectrogram with its frequency axis stretched by `scale` (vocal tract length
-    perturbation): bins beyond the top are dropped, missing ones repeat the top bin."""
-    mel, frames = features.shape
-    warped = F.interpolate(features[None, None], size=(max(1, round(mel * scale)), frames), mode="bilinear", align_corners=False)[0, 0]
-    if warped.shape[0] >= mel:
-        return warped[:mel]
-    return torch.cat([warped, warped[-1:].expand(mel - warped.shape[0], frames)])
+    perturbation; the same warp as the model's `audio_views`)."""
+    return warp_frequencies(features[None], scale)[0]
 
 
 def collate(examples: list[dict], processor: FusionProcessor) -> dict[str, torch.Tensor]:
