@@ -277,10 +277,7 @@ class FusionPipeline:
             assert out.logits is not None  # a classification model always gives them
             probs = out.logits.float().softmax(dim=-1).cpu()
             timings = {"preprocess": preprocessed - started, "forward": time.perf_counter() - preprocessed}
-            predictions = [self._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
-            for prediction, scale in zip(predictions, [] if out.audio_scales is None else out.audio_scales.tolist()):
-                if "audio" in prediction.modalities:
-                    prediction.meta["audio_scale"] = scale
+            predictions = self._predictions(probs, batch["meta"], timings, out)
         else:
             # The explanation's own forward pass gives the probabilities: no separate plain pass.
             predictions = []
@@ -389,6 +386,16 @@ class FusionPipeline:
         logits = self.forward(batch).logits
         assert logits is not None  # a classification model always gives them
         return logits
+
+    def _predictions(self, probs: torch.Tensor, metas: list[dict[str, Any]], timings: dict[str, float],
+                     out: FusionOutput) -> list[Prediction]:
+        """A batch's predictions from its probabilities (B, K), each with the view its clip was heard at
+        (`out.audio_scales`) as `meta["audio_scale"]`."""
+        predictions = [self._prediction(row, info, timings) for row, info in zip(probs, metas)]
+        for prediction, scale in zip(predictions, [] if out.audio_scales is None else out.audio_scales.tolist()):
+            if "audio" in prediction.modalities:
+                prediction.meta["audio_scale"] = scale
+        return predictions
 
     def _prediction(self, row: torch.Tensor, info: dict[str, Any], timings: dict[str, float]) -> Prediction:
         probs = {label: float(p) for label, p in zip(self.labels, row.tolist())}

@@ -91,6 +91,8 @@ def output_row(number: int, label: str | None, prediction: Prediction, embedding
                            "probs": {k: round(v, 6) for k, v in prediction.probs.items()},
                            "modalities": prediction.modalities,
                            "embeddings": {m: [round(float(x), 6) for x in v] for m, v in embeddings.items()}}
+    if "audio_scale" in prediction.meta:  # the view the clip was heard at (FusionConfig.audio_views)
+        row["audio_scale"] = round(prediction.meta["audio_scale"], 6)
     explanation = prediction.explanation
     if explanation is not None:
         row["shares"] = {m: round(v, 6) for m, v in explanation.modality_shares.items()}

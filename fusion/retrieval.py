@@ -87,7 +87,7 @@ def predict_and_embed(pipeline: FusionPipeline, items: list[dict], *, batch_size
         assert out.logits is not None
         probs = out.logits.float().softmax(dim=-1).cpu()
         timings = {"forward": time.perf_counter() - started}
-        predictions += [pipeline._prediction(row, info, timings) for row, info in zip(probs, batch["meta"])]
+        predictions += pipeline._predictions(probs, batch["meta"], timings, out)
         started = time.perf_counter()
     return predictions, results
 

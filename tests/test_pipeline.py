@@ -119,7 +119,7 @@ def test_missing_or_damaged_checkpoint_names_what_is_missing(tiny_checkpoint, tm
 def test_a_model_with_audio_views_says_which_it_heard_and_checks_its_maps_there(tmp_path, tokenizer, processor):
     from .conftest import tiny_model
 
-    tiny_model(tokenizer, audio_views=[0.5, 2.0]).save_pretrained(tmp_path)
+    tiny_model(tokenizer, audio_views=[0.5, 2.0], embedding_size=16).save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     pipe = FusionPipeline.from_pretrained(tmp_path, precision="fp32")
     rate, t = 16000, np.arange(8000) / 16000
@@ -127,6 +127,12 @@ def test_a_model_with_audio_views_says_which_it_heard_and_checks_its_maps_there(
     plain = pipe([{"audio": tone} for tone in tones])
     scales = [p.meta["audio_scale"] for p in plain]
     assert set(scales) <= {0.5, 1.0, 2.0} and len(set(scales)) > 1
+    from fusion.predict import output_row
+    from fusion.retrieval import predict_and_embed
+
+    batched, vectors = predict_and_embed(pipe, [{"audio": tone} for tone in tones])  # fusion.predict's pass
+    assert [p.meta["audio_scale"] for p in batched] == scales
+    assert output_row(1, None, batched[0], vectors[0], {}, explain=False)["audio_scale"] == scales[0]
     for tone, answer in zip(tones, plain):
         explained = pipe(audio=tone, text="seven", explain=True)
         alone = pipe(audio=tone, explain=True)
