@@ -7,7 +7,8 @@ The manifest is the one training reads (columns `image`, `audio`, `text`, any ma
 the manifest; `label` is optional here). Each output row has `line` (the manifest's line number), `input` (the
 row's inputs, paths made absolute), `label` (if
 given), `prediction`, `confidence`, `correct` (with a label), `probs`, `modalities`, `embeddings` (per modality,
-where the checkpoint has an embedding head) and, with `--explain`, `shares`, `agreement` and `alone`. A row that
+where the checkpoint has an embedding head), `audio_scale` (the view a clip was heard at, where the checkpoint has
+audio views) and, with `--explain`, `shares`, `agreement` and `alone`. A row that
 cannot be read or predicted is reported on stderr with its line number and skipped; the run goes on. Under
 `accelerate launch` the rows are split between the processes and gathered in the manifest's order, so the output
 is the same as from one process. `.parquet` needs pyarrow (not a dependency); `.jsonl` needs nothing.
