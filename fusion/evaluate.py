@@ -102,8 +102,8 @@ def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128
                 with torch.inference_mode():
                     values = inputs["audio_values"].to(pipeline.device, next(encoder.parameters()).dtype
                                                        if pipeline.precision in HALF_PRECISIONS else torch.float32)
-                    _, _, heard = model.audio_view(values)  # as the model's forward hears them
-                    states += list((modality.features(values)[0] if heard is None else heard[0]).cpu())
+                    view = model.audio_view(values)  # each clip as the model's forward hears it
+                    states += list((modality.features(view.values)[0] if view.states is None else view.states).cpu())
             encoded[label] = states
     finally:
         model.train(was_training)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -233,6 +233,23 @@ class FusionOutput(ModelOutput):
     modality_mask: dict[str, torch.Tensor] | None = None
     encoded: torch.Tensor | None = None
     audio_scales: torch.Tensor | None = None
+
+
+class AudioView(NamedTuple):
+    """How `FusionForClassification.audio_view` hears a batch of spectrograms.
+
+    Args:
+        values (`(B, mel, frames)`): each spectrogram at its chosen view.
+        scales (`(B,)`): the frequency scale of each view (1: as given, and for items without audio).
+        states (`(B, T, E)` or None): the audio encoder's output for `values` (zeros for items without audio), when
+            the choice already computed it in the form the caller asked for (with gradients when they are on).
+        attentions (`tuple` or None): the encoder's attentions over the items with audio, with `states`, when asked.
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    states: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 def flatten_8bit_inputs(model: nn.Module) -> None:
@@ -666,11 +683,12 @@ class FusionForClassification(FusionPreTrainedModel):
         """The base model's arguments (see [`FusionModel.forward`]) and `labels` (`(B,)` long), for the loss. With
         `config.audio_views`, each clip given as `audio_values` is first moved to its view (`audio_view`) in eval
         mode; training hears clips as given (its augmentation varies the voices already)."""
-        scales, heard_attentions = None, None
+        view = None
         if audio_values is not None and self.config.audio_views and not self.training:
-            audio_values, scales, heard = self.audio_view(audio_values, audio_mask, output_attentions=output_attentions)
-            if heard is not None:  # the encoder's output for the chosen views, computed while choosing them
-                audio_values, (audio_encoder_states, heard_attentions) = None, heard
+            view = self.audio_view(audio_values, audio_mask, output_attentions=output_attentions)
+            audio_values = view.values
+            if view.states is not None:  # the encoder's output for the chosen views, computed while choosing them
+                audio_values, audio_encoder_states = None, view.states
         out = self.fusion(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, audio_values=audio_values,
             image_mask=image_mask, text_mask=text_mask, audio_mask=audio_mask, output_attentions=output_attentions,
@@ -679,16 +697,15 @@ class FusionForClassification(FusionPreTrainedModel):
         assert out.summary is not None
         out.logits = self.head(out.summary)
         out.loss = F.cross_entropy(out.logits.float(), labels.to(out.logits.device)) if labels is not None else None
-        out.audio_scales = scales
-        if output_attentions and heard_attentions:
-            out.encoder_attentions = {**(out.encoder_attentions or {}), "audio": heard_attentions}
+        if view is not None:
+            out.audio_scales = view.scales
+            if output_attentions and view.attentions:
+                out.encoder_attentions = {**(out.encoder_attentions or {}), "audio": view.attentions}
         return out
 
     def audio_view(self, audio_values: torch.Tensor, audio_mask: torch.Tensor | None = None, *,
-                   output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """Each spectrogram (B, mel, frames) at the frequency scale it is heard at, those scales (B,), and, where the
-        choice already computed it, the audio encoder's output for the chosen views (B, T, E; zeros for items
-        without audio) with its attentions over the items with audio (when `output_attentions`), else None.
+                   output_attentions: bool = False) -> AudioView:
+        """The view each spectrogram (B, mel, frames) is heard at (`AudioView`).
 
         A clip is first heard alone as given. If its top probability is below `config.audio_views_below` (or that
         is None), it is also heard at each scale of `config.audio_views`; the class with the highest mean
@@ -697,9 +714,9 @@ class FusionForClassification(FusionPreTrainedModel):
         (see the model card). The choice itself carries no gradient; the chosen warp is linear, so relevance
         still reaches every cell of the spectrogram as given. Items without audio keep scale 1.
 
-        The pass as given runs with gradients when they are on, so an answer explained at the view as given (the
-        usual case) reuses it; other views are heard without gradients, so an answer explained at one of them hears
-        it again (the encoder's output is then None).
+        The pass as given runs with gradients when they are on, so an answer at the view as given (the usual case)
+        reuses its encoder output; the other views are heard without gradients, so an answer explained at one of
+        them hears it again (`states` is then None).
         """
         scales = [1.0, *(self.config.audio_views or [])]
         batch = audio_values.shape[0]
@@ -707,7 +724,7 @@ class FusionForClassification(FusionPreTrainedModel):
         rows = (torch.ones(batch, dtype=torch.bool, device=audio_values.device) if audio_mask is None
                 else audio_mask.to(audio_values.device).bool()).nonzero(as_tuple=True)[0]
         if len(scales) == 1 or not len(rows):
-            return audio_values, chosen, None
+            return AudioView(audio_values, chosen)
         encoder = self.fusion.encoder_of("audio")
 
         def alone(features: torch.Tensor) -> torch.Tensor:
@@ -722,24 +739,23 @@ class FusionForClassification(FusionPreTrainedModel):
         below = self.config.audio_views_below
         unsure = torch.ones_like(rows, dtype=torch.bool) if below is None else first.max(dim=-1).values < below
         if not unsure.any():
-            return audio_values, chosen, (heard, attentions)
+            return AudioView(audio_values, chosen, heard, attentions)
         with torch.no_grad():
             unsure_rows, given = rows[unsure], audio_values[rows[unsure]].detach()
             other_features, _ = encoder.features(torch.cat([warp_frequencies(given, s) for s in scales[1:]]))
             probs = torch.cat([first[unsure], alone(other_features)]).view(len(scales), len(unsure_rows), -1)  # (V, U, K)
             agreed = probs.mean(dim=0).argmax(dim=-1)  # (U,)
             best = probs[:, torch.arange(len(unsure_rows)), agreed].argmax(dim=0)  # (U,) index of the view
-            chosen[unsure_rows] = torch.tensor(scales, device=chosen.device)[best]
+        if not bool(best.any()):  # every unsure clip is surest as given
+            return AudioView(audio_values, chosen, heard, attentions)
+        chosen[unsure_rows] = torch.tensor(scales, device=chosen.device)[best]
         values = torch.cat([audio_values[i : i + 1] if float(s) == 1.0 else warp_frequencies(audio_values[i : i + 1], float(s))
                             for i, s in enumerate(chosen.tolist())])
-        if bool((chosen == 1.0).all()):
-            return values, chosen, (heard, attentions)
         if torch.is_grad_enabled() or output_attentions:
-            return values, chosen, None  # the forward hears the chosen views again, with gradients and attentions
-        features = torch.cat([first_features[unsure].detach(), other_features]).view(len(scales), len(unsure_rows),
-                                                                                    *first_features.shape[1:])
-        heard[unsure_rows] = features[best, torch.arange(len(unsure_rows))]
-        return values, chosen, (heard, None)
+            return AudioView(values, chosen)  # the forward hears the chosen views again, with gradients and attentions
+        views = torch.cat([first_features[unsure], other_features]).view(len(scales), len(unsure_rows), *heard.shape[1:])
+        heard[unsure_rows] = views[best, torch.arange(len(unsure_rows))]  # (V, U, T, E) -> the chosen (U, T, E)
+        return AudioView(values, chosen, heard)
 
     def head(self, summary: torch.Tensor) -> torch.Tensor:
         """Logits (B, K) from summary states (B, F)."""

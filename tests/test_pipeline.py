@@ -142,3 +142,13 @@ def test_a_model_with_audio_views_says_which_it_heard_and_checks_its_maps_there(
         assert len(noted) == (explained.meta["audio_scale"] != 1.0)
         assert set(pipe.trust(explained)) == {"audio", "text"}
     assert "audio_scale" not in pipe(text="seven").meta
+    # Evaluation caches each clip's encoder output once: as the model's forward hears the clip, view included.
+    from fusion.evaluate import encode_audio
+
+    features = [pipe.processor.audio_features(tone)[0] for tone in tones]
+    states = torch.stack(encode_audio(pipe, {"audio": {0: features}})["audio"][0])
+    with torch.inference_mode():
+        cached = pipe.model(audio_encoder_states=states).logits
+        direct = pipe.model(audio_values=torch.stack(features))
+    torch.testing.assert_close(cached, direct.logits, atol=1e-5, rtol=1e-5)
+    assert direct.audio_scales.tolist() == scales

@@ -303,4 +303,11 @@ def test_audio_views_keep_relevance_on_the_spectrogram_as_given():
 def test_audio_views_are_checked(views):
     with pytest.raises(ValueError, match="audio_views must be a list of frequency scales"):
         tiny_config(audio_views=views)
-    assert tiny_config(audio_views=[0.85]).audio_views == [0.85]
+
+
+@pytest.mark.parametrize("below", [0, 1.5, -0.1, True, "0.8"])
+def test_the_views_threshold_is_a_probability(below):
+    with pytest.raises(ValueError, match=r"audio_views_below must be a probability in \(0, 1\]"):
+        tiny_config(audio_views=[0.85], audio_views_below=below)
+    config = tiny_config(audio_views=[0.85], audio_views_below=0.8)
+    assert (config.audio_views, config.audio_views_below) == ([0.85], 0.8)
