@@ -44,6 +44,12 @@ class FusionConfig(PretrainedConfig):
             `FusionForClassification.audio_view`). None or empty: as given only.
         audio_views_below (`float` or `None`): only a clip whose answer as given has a top probability below this
             tries the views; a surer one is heard as given. None: every clip tries them.
+        audio_views_pitch_above (`float` or `None`): with it, a clip whose voice pitch is known (the processor's
+            `audio_pitch`) tries the views when that pitch is above this many Hz, and only then, whatever its
+            answer's confidence; `audio_views_below` decides for clips without a known pitch.
+        audio_views_frequencies (`list[float]` or `None`): the centre frequency in Hz of each mel bin of the
+            spectrograms the model reads (`feature_extraction.mel_frequencies`); with it a view scales frequencies in
+            Hz, as a pitch shift does, instead of stretching the mel axis.
         id2label (`dict[int, str]`): the classes; at least two.
 
     Example:
@@ -77,6 +83,8 @@ class FusionConfig(PretrainedConfig):
     pruned: dict[str, int] | None = None
     audio_views: list[float] | None = None
     audio_views_below: float | None = None
+    audio_views_pitch_above: float | None = None
+    audio_views_frequencies: list[float] | None = None
 
     def __post_init__(self, **kwargs):
         for key in self.sub_configs_defaults:  # read by the parent's sub-config step as attributes
@@ -107,6 +115,15 @@ class FusionConfig(PretrainedConfig):
         below = self.audio_views_below
         if below is not None and (not isinstance(below, (int, float)) or isinstance(below, bool) or not 0 < below <= 1):
             raise ValueError(f"FusionConfig.audio_views_below must be a probability in (0, 1] or None, got {below!r}")
+        above = self.audio_views_pitch_above
+        if above is not None and (not isinstance(above, (int, float)) or isinstance(above, bool) or not 0 < above < 10_000):
+            raise ValueError(f"FusionConfig.audio_views_pitch_above must be a pitch in Hz (0 to 10,000) or None, got {above!r}")
+        frequencies = self.audio_views_frequencies
+        if frequencies is not None and not (isinstance(frequencies, list) and len(frequencies) >= 2 and all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in frequencies)
+                and all(a < b for a, b in zip(frequencies, frequencies[1:]))):
+            raise ValueError("FusionConfig.audio_views_frequencies must list each mel bin's centre frequency in Hz, "
+                             f"positive and rising, or be None; got {frequencies!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"FusionConfig.hidden_size ({self.hidden_size}) must be divisible by "

@@ -30,7 +30,8 @@ GARBAGE_KEYS = {"image": "noise image", "audio": "noise audio", "text": "no-numb
 
 
 def load_pools(folder: str | Path, pipeline: FusionPipeline) -> dict[str, dict[int, list]]:
-    """Per modality, per digit: preprocessed image and audio tensors and raw phrases found under `folder`."""
+    """Per modality, per digit: preprocessed image and audio tensors and raw phrases found under `folder`; under
+    `audio_pitch`, each clip's voice pitch (Hz, as the processor measures it), in the order of its features."""
     processor = pipeline.processor
     label_index = {label: i for i, label in enumerate(pipeline.labels)}
     pools: dict[str, dict[int, list]] = {}
@@ -45,7 +46,9 @@ def load_pools(folder: str | Path, pipeline: FusionPipeline) -> dict[str, dict[i
         for image, digit in zip(*mnist):
             pools.setdefault("image", {}).setdefault(index(int(digit)), []).append(processor.image_features(image)[0])
     for clip in list_fsdd(folder):
-        pools.setdefault("audio", {}).setdefault(index(clip.label), []).append(processor.audio_features(str(clip.path))[0])
+        features, facts = processor.feature_extractor.prepare(str(clip.path))
+        pools.setdefault("audio", {}).setdefault(index(clip.label), []).append(features)
+        pools.setdefault("audio_pitch", {}).setdefault(index(clip.label), []).append(facts["audio_pitch"])
     for text, digit in load_phrases(folder) or []:
         pools.setdefault("text", {}).setdefault(index(digit), []).append(text)
     return pools
@@ -82,10 +85,12 @@ def paired_examples(pools: dict, subset: tuple[str, ...], *, garbage: dict[str, 
 def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128) -> dict:
     """`pools` with every audio feature (mel, frames) replaced by the audio encoder's output (T, E) for it, computed
     once: evaluation pairs each clip with many images and phrases, and the encoder need not hear it each time.
-    The answers are the model's own (the same encoder, in eval mode, on the same features)."""
+    The answers are the model's own (the same encoder, in eval mode, on the same features, each clip at the view
+    its pitch, from `pools["audio_pitch"]` where known, and its answer choose)."""
     audio = pools.get("audio")
     if not audio:
         return pools
+    pitches = pools.get("audio_pitch", {})
     modality = pipeline.model.fusion.encoder_of("audio")
     model = pipeline.model
     encoder = modality.encoder
@@ -97,12 +102,12 @@ def encode_audio(pipeline: FusionPipeline, pools: dict, *, batch_size: int = 128
             states = []
             for start in range(0, len(features), batch_size):
                 stacked = torch.stack(features[start : start + batch_size])
-                batch = {"audio_values": stacked, "audio_mask": torch.ones(len(stacked), dtype=torch.bool)}
-                inputs = pipeline.processor.model_inputs(batch)
+                pitch = pitches.get(label)
+                pitch = None if pitch is None else torch.tensor(pitch[start : start + batch_size]).to(pipeline.device)
                 with torch.inference_mode():
-                    values = inputs["audio_values"].to(pipeline.device, next(encoder.parameters()).dtype
-                                                       if pipeline.precision in HALF_PRECISIONS else torch.float32)
-                    view = model.audio_view(values)  # each clip as the model's forward hears it
+                    values = stacked.to(pipeline.device, next(encoder.parameters()).dtype
+                                        if pipeline.precision in HALF_PRECISIONS else torch.float32)
+                    view = model.audio_view(values, audio_pitch=pitch)  # each clip as the model's forward hears it
                     states += list((modality.features(view.values)[0] if view.states is None else view.states).cpu())
             encoded[label] = states
     finally:

@@ -37,6 +37,8 @@ class Modality:
             (see `FusionImageProcessor`).
         encoder (`Mapping[str, Any]`): the default encoder sub-config (`model_type` and its arguments) of a
             `FusionConfig` built without one.
+        extras (`tuple[str, ...]`): batch tensors beside `inputs` that the model reads but the encoder does not,
+            present when the processor measured them (the audio's `audio_pitch`).
     """
 
     name: str
@@ -44,6 +46,7 @@ class Modality:
     grid: str
     processor: type[ModalityProcessor]
     encoder: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    extras: tuple[str, ...] = ()
 
     @property
     def main_input(self) -> str:
@@ -62,7 +65,7 @@ class Modality:
     @property
     def tensors(self) -> tuple[str, ...]:
         """Every batch tensor of this modality, presence mask included."""
-        return (*self.inputs, self.mask)
+        return (*self.inputs, *self.extras, self.mask)
 
 
 # The fused sequence's order (summary, image, text, audio) and the rows of the modality embeddings: fixed by
@@ -85,7 +88,7 @@ REGISTRY: dict[str, Modality] = {
             "model_type": "audio-spectrogram-transformer", "hidden_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "intermediate_size": 128, "num_mel_bins": 32, "max_length": 100,
             "patch_size": 8, "frequency_stride": 8, "time_stride": 8,
-        }),
+        }, extras=("audio_pitch",)),
     )
 }
 MODALITIES: tuple[str, ...] = tuple(REGISTRY)

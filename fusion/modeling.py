@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,6 +128,23 @@ def warp_frequencies(features: torch.Tensor, scale: float) -> torch.Tensor:
     if warped.shape[1] >= mel:
         return warped[:, :mel]
     return torch.cat([warped, warped[:, -1:].expand(batch, mel - warped.shape[1], frames)], dim=1)
+
+
+def scale_frequencies(features: torch.Tensor, scale: float, frequencies: list[float]) -> torch.Tensor:
+    """Spectrograms (B, mel, frames) whose mel bins are centred at `frequencies` (Hz), with every frequency scaled
+    by `scale` in Hz, as a pitch shift scales them (below 1: content at f moves down to scale·f); each bin reads
+    the spectrogram as given between its two nearest bins. Bins whose source lies beyond the top repeat the top bin,
+    below the bottom the bottom one. Linear in `features`, so gradients (and relevance) flow back to the spectrogram
+    as given."""
+    centres = np.asarray(frequencies, dtype=np.float64)
+    if features.shape[1] != len(centres):
+        raise ValueError(f"the spectrograms have {features.shape[1]} mel bins but audio_views_frequencies names {len(centres)}")
+    position = np.interp(centres / scale, centres, np.arange(len(centres)))  # fractional source bin of each bin
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, len(centres) - 1)
+    weight = torch.tensor(position - low, dtype=features.dtype, device=features.device)[None, :, None]  # (1, mel, 1)
+    low_t, high_t = (torch.from_numpy(i).to(features.device) for i in (low, high))
+    return features[:, low_t] * (1 - weight) + features[:, high_t] * weight
 
 
 # Families whose `AutoModel` is an encoder-decoder: only their encoder is built.
@@ -679,13 +697,15 @@ class FusionForClassification(FusionPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool = False,
         audio_encoder_states: torch.Tensor | None = None,
+        audio_pitch: torch.Tensor | None = None,
     ) -> FusionOutput:
-        """The base model's arguments (see [`FusionModel.forward`]) and `labels` (`(B,)` long), for the loss. With
+        """The base model's arguments (see [`FusionModel.forward`]), `labels` (`(B,)` long), for the loss, and
+        `audio_pitch` (`(B,)`, Hz; 0 where unknown), each clip's voice pitch as the processor measured it. With
         `config.audio_views`, each clip given as `audio_values` is first moved to its view (`audio_view`) in eval
         mode; training hears clips as given (its augmentation varies the voices already)."""
         view = None
         if audio_values is not None and self.config.audio_views and not self.training:
-            view = self.audio_view(audio_values, audio_mask, output_attentions=output_attentions)
+            view = self.audio_view(audio_values, audio_mask, audio_pitch=audio_pitch, output_attentions=output_attentions)
             audio_values = view.values
             if view.states is not None:  # the encoder's output for the chosen views, computed while choosing them
                 audio_values, audio_encoder_states = None, view.states
@@ -704,15 +724,17 @@ class FusionForClassification(FusionPreTrainedModel):
         return out
 
     def audio_view(self, audio_values: torch.Tensor, audio_mask: torch.Tensor | None = None, *,
-                   output_attentions: bool = False) -> AudioView:
+                   audio_pitch: torch.Tensor | None = None, output_attentions: bool = False) -> AudioView:
         """The view each spectrogram (B, mel, frames) is heard at (`AudioView`).
 
-        A clip is first heard alone as given. If its top probability is below `config.audio_views_below` (or that
-        is None), it is also heard at each scale of `config.audio_views`; the class with the highest mean
-        probability over all its views is the one they agree on, and the clip is answered at the view that gives
-        that class the highest probability. A voice higher than any the model trained on is then heard lower
-        (see the model card). The choice itself carries no gradient; the chosen warp is linear, so relevance
-        still reaches every cell of the spectrogram as given. Items without audio keep scale 1.
+        A clip is first heard alone as given. It also tries the views when its voice is higher than
+        `config.audio_views_pitch_above` (by `audio_pitch`, (B,) Hz) or, where that rule or the clip's pitch is
+        unknown (0), when its top probability is below `config.audio_views_below` (every clip, if that is None).
+        A clip that tries them is also heard at each scale of `config.audio_views` (`warp_audio`); the class with
+        the highest mean probability over all its views is the one they agree on, and the clip is answered at the
+        view that gives that class the highest probability. A voice higher than any the model trained on is then
+        heard lower (see the model card). The choice itself carries no gradient; the chosen warp is linear, so
+        relevance still reaches every cell of the spectrogram as given. Items without audio keep scale 1.
 
         The pass as given runs with gradients when they are on, so an answer at the view as given (the usual case)
         reuses its encoder output; the other views are heard without gradients, so an answer explained at one of
@@ -736,26 +758,38 @@ class FusionForClassification(FusionPreTrainedModel):
         first_features, attentions = encoder.features(audio_values[rows], output_attentions=output_attentions)
         first = alone(first_features)
         heard = first_features.new_zeros(batch, *first_features.shape[1:]).index_copy(0, rows, first_features)  # (B, T, E)
-        below = self.config.audio_views_below
+        below, above = self.config.audio_views_below, self.config.audio_views_pitch_above
         unsure = torch.ones_like(rows, dtype=torch.bool) if below is None else first.max(dim=-1).values < below
+        if above is not None and audio_pitch is not None:
+            pitch = audio_pitch.to(rows.device)[rows].float()
+            unsure = torch.where(pitch > 0, pitch > above, unsure)
         if not unsure.any():
             return AudioView(audio_values, chosen, heard, attentions)
         with torch.no_grad():
             unsure_rows, given = rows[unsure], audio_values[rows[unsure]].detach()
-            other_features, _ = encoder.features(torch.cat([warp_frequencies(given, s) for s in scales[1:]]))
+            other_features, _ = encoder.features(torch.cat([self.warp_audio(given, s) for s in scales[1:]]))
             probs = torch.cat([first[unsure], alone(other_features)]).view(len(scales), len(unsure_rows), -1)  # (V, U, K)
             agreed = probs.mean(dim=0).argmax(dim=-1)  # (U,)
             best = probs[:, torch.arange(len(unsure_rows)), agreed].argmax(dim=0)  # (U,) index of the view
         if not bool(best.any()):  # every unsure clip is surest as given
             return AudioView(audio_values, chosen, heard, attentions)
         chosen[unsure_rows] = torch.tensor(scales, device=chosen.device)[best]
-        values = torch.cat([audio_values[i : i + 1] if float(s) == 1.0 else warp_frequencies(audio_values[i : i + 1], float(s))
+        values = torch.cat([audio_values[i : i + 1] if float(s) == 1.0 else self.warp_audio(audio_values[i : i + 1], float(s))
                             for i, s in enumerate(chosen.tolist())])
         if torch.is_grad_enabled() or output_attentions:
             return AudioView(values, chosen)  # the forward hears the chosen views again, with gradients and attentions
         views = torch.cat([first_features[unsure], other_features]).view(len(scales), len(unsure_rows), *heard.shape[1:])
         heard[unsure_rows] = views[best, torch.arange(len(unsure_rows))]  # (V, U, T, E) -> the chosen (U, T, E)
         return AudioView(values, chosen, heard)
+
+    def warp_audio(self, audio_values: torch.Tensor, scale: float) -> torch.Tensor:
+        """Spectrograms (B, mel, frames) at the view `scale` of `config.audio_views`: every frequency scaled in Hz
+        (`scale_frequencies`) where the config names its mel bins' frequencies (`audio_views_frequencies`), else
+        the mel axis stretched (`warp_frequencies`, as the checkpoints before those did)."""
+        if scale == 1.0:
+            return audio_values
+        frequencies = self.config.audio_views_frequencies
+        return warp_frequencies(audio_values, scale) if frequencies is None else scale_frequencies(audio_values, scale, frequencies)
 
     def head(self, summary: torch.Tensor) -> torch.Tensor:
         """Logits (B, K) from summary states (B, F)."""

@@ -15,7 +15,7 @@ import torch
 from .cross_attention import CrossAttention, cross_attention, token_attention
 from .explain import Explanation, counterfactuals, explain_item
 from .modalities import HALF_PRECISIONS, MODALITIES, PRECISIONS, REGISTRY
-from .modeling import FusionForClassification, FusionOutput, warp_frequencies
+from .modeling import FusionForClassification, FusionOutput
 from .processing import FusionInputError, FusionProcessor
 from .retrieval import Gallery, Match, as_item, build_gallery, embed_items
 
@@ -30,8 +30,9 @@ class Prediction:
         label (`str`): the most probable class.
         probs (`dict[str, float]`): probability of every class, summing to 1.
         modalities (`list[str]`): the modalities the answer used.
-        meta (`dict`): preprocessing facts (image geometry, audio window start, text truncation) and, where the model
-            hears clips at several views (`FusionConfig.audio_views`), `audio_scale`: the one this clip was heard at.
+        meta (`dict`): preprocessing facts (image geometry, audio window start, the voice's pitch `audio_pitch` in
+            Hz, text truncation) and, where the model hears clips at several views (`FusionConfig.audio_views`),
+            `audio_scale`: the one this clip was heard at.
         timings (`dict[str, float]`): seconds spent per stage.
     """
 
@@ -441,7 +442,7 @@ def _audio_encoded_once(model: FusionForClassification, batch: dict[str, torch.T
     own = [0] + [row for row, name in enumerate(changed) if name == "audio"]  # rows with a spectrogram of their own
     slot = {row: index for index, row in enumerate(own)}
     heard = batch["audio_values"][own]
-    heard = heard if scale == 1.0 else warp_frequencies(heard, scale)
+    heard = model.warp_audio(heard, scale)
     features, _ = model.fusion.encoder_of("audio").features(heard)  # (len(own), T, E)
     source = torch.tensor([slot[row] if name == "audio" else 0 for row, name in enumerate(changed)], device=features.device)
     out = {key: value for key, value in batch.items() if key != "audio_values"}
@@ -481,7 +482,7 @@ def _item_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:
     for modality in (REGISTRY[m] for m in MODALITIES):
         if modality.mask in item and not item[modality.mask].any():
             for key in modality.tensors:
-                item.pop(key)
+                item.pop(key, None)
         elif len(modality.inputs) > 1 and modality.main_input in item:  # a padded sequence: cut to its length
             sequence, attention = modality.inputs[:2]
             length = max(1, int(item[attention].sum()))

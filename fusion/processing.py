@@ -224,6 +224,7 @@ class FusionProcessor:
                 continue
             tensors, facts = self.parts[modality].stack(values)
             batch.update(tensors)
+            batch.update(self.parts[modality].stack_facts([m if v is not None else None for v, m in zip(values, meta)]))
             for index, found in facts.items():
                 meta[index].update(found)
         batch["meta"] = meta

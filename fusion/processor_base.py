@@ -46,3 +46,8 @@ class ModalityProcessor:
         """Prepared inputs (None where an item lacks the modality) as the model's tensors, with its `<name>_mask`
         (B,), and facts found while stacking, by item index."""
         raise NotImplementedError
+
+    def stack_facts(self, facts: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """More tensors for the model from what `prepare` reported (`facts[i]`, None where item i lacks the
+        modality), for a part whose input says more than its main tensor (the audio's pitch); none by default."""
+        return {}

@@ -74,7 +74,7 @@ from .evaluate import (
     load_pools,
     paired_examples,
 )
-from .feature_extraction import AudioSettings
+from .feature_extraction import AudioSettings, mel_frequencies
 from .modalities import MODALITIES
 from .modeling import FusionForClassification, ModalityEncoder
 from .pipeline import FusionPipeline
@@ -334,7 +334,9 @@ def validation_pools(pools: Pools, pipeline: FusionPipeline) -> dict:
         out.setdefault("image", {})[label] = [processor.normalize_image(i) for i in images]
     for label, waves in pools.waves.items():
         rate = processor.settings.audio.sampling_rate
-        out.setdefault("audio", {})[label] = [processor.audio_features((rate, w))[0] for w in waves]
+        prepared = [processor.feature_extractor.prepare((rate, w)) for w in waves]
+        out.setdefault("audio", {})[label] = [features for features, _ in prepared]
+        out.setdefault("audio_pitch", {})[label] = [facts["audio_pitch"] for _, facts in prepared]
     for label, texts in pools.texts.items():
         out.setdefault("text", {})[label] = texts
     for modality, by_label in pools.prepared.items():
@@ -427,11 +429,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Whisper: train its top N layers (at --audio-lr) on the cached input of those layers; "
                         "0: all frozen")
     parser.add_argument("--audio-lr", type=float, default=1e-4, help="learning rate of the tuned Whisper layers")
-    parser.add_argument("--audio-views", type=scales, default=[0.9, 0.8, 1.1],
-                        help="frequency scales at which the trained model also hears a clip it is unsure of, comma-separated "
-                        "(FusionConfig.audio_views; inference only, chosen on validation); empty: none")
+    parser.add_argument("--audio-views", type=scales, default=[0.9, 0.8, 0.7, 0.6],
+                        help="frequency scales at which the trained model also hears a high voice or a clip it is unsure "
+                        "of, comma-separated (FusionConfig.audio_views; inference only, chosen on validation); empty: none")
     parser.add_argument("--audio-views-below", type=float, default=0.8,
-                        help="a clip tries the audio views when its top probability as given is below this")
+                        help="a clip whose pitch is unknown tries the audio views when its top probability as given is "
+                        "below this")
+    parser.add_argument("--audio-views-pitch-above", type=float, default=160.0,
+                        help="a clip whose voice pitch is known tries the audio views when it is above this many Hz; "
+                        "0: by confidence only")
+    parser.add_argument("--audio-views-warp", choices=("hz", "mel"), default="hz",
+                        help="hz: a view scales every frequency in Hz, as a pitch shift does; mel: it stretches the mel "
+                        "axis (the views of checkpoints before 2026-12-03)")
     parser.add_argument("--audio-variants", type=int, default=4,
                         help="frozen audio encoder: versions of each clip cached, the first as recorded, the rest augmented")
     parser.add_argument("--real-share", type=float, default=Augment.real_share,
@@ -515,12 +524,16 @@ def main(argv: list[str] | None = None) -> dict:
                                 conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
                                 text_width=args.text_width, audio_config=audio_config, embedding_size=args.embedding_size or None)
         model = FusionForClassification(config)
-    model.config.audio_views = args.audio_views or None
-    model.config.audio_views_below = args.audio_views_below if args.audio_views else None
+    views = args.audio_views or None
+    model.config.audio_views = views
+    model.config.audio_views_below = args.audio_views_below if views else None
+    model.config.audio_views_pitch_above = args.audio_views_pitch_above if views and args.audio_views_pitch_above else None
+    model.config.audio_views_frequencies = (mel_frequencies(processor.settings.audio)
+                                            if views and args.audio_views_warp == "hz" else None)
     try:
         model.config.validate_fusion()
     except ValueError as error:
-        raise SystemExit(f"--audio-views / --audio-views-below: {error}") from None
+        raise SystemExit(f"--audio-views / --audio-views-below / --audio-views-pitch-above: {error}") from None
     banks = {}
     if model.config.modality_config("audio").model_type == "whisper":  # with --init, whatever the checkpoint has
         speech = model.fusion.encoder_of("audio")

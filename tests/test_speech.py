@@ -311,3 +311,106 @@ def test_the_views_threshold_is_a_probability(below):
         tiny_config(audio_views=[0.85], audio_views_below=below)
     config = tiny_config(audio_views=[0.85], audio_views_below=0.8)
     assert (config.audio_views, config.audio_views_below) == ([0.85], 0.8)
+
+
+def harmonic_voice(pitch: float, *, rate: int = 16000, seconds: float = 0.6) -> np.ndarray:
+    """A vowel-like tone: ten harmonics of `pitch` falling off, with a slow vibrato of 1%."""
+    t = np.arange(int(rate * seconds)) / rate
+    phase = 2 * np.pi * pitch * (t + 0.01 / (2 * np.pi * 5) * np.sin(2 * np.pi * 5 * t))
+    return sum(np.sin(k * phase) / k for k in range(1, 11)).astype(np.float32) * 0.1
+
+
+@pytest.mark.parametrize("pitch", [95.0, 120.0, 180.0, 240.0])
+def test_pitch_is_the_voices_fundamental(pitch):
+    from fusion.feature_extraction import estimate_pitch
+
+    assert estimate_pitch(harmonic_voice(pitch), 16000) == pytest.approx(pitch, rel=0.02)
+    assert estimate_pitch(harmonic_voice(pitch, rate=8000), 8000) == pytest.approx(pitch, rel=0.03)
+
+
+def test_noise_silence_and_a_short_clip_have_no_pitch():
+    from fusion.feature_extraction import estimate_pitch
+
+    noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    assert estimate_pitch(noise, 16000) == 0.0
+    assert estimate_pitch(np.zeros(16000, np.float32), 16000) == 0.0
+    assert estimate_pitch(harmonic_voice(120.0)[:300], 16000) == 0.0  # shorter than one frame
+
+
+def test_the_processor_reports_each_clips_pitch_for_the_model(processor):
+    batch = processor([{"audio": (16000, harmonic_voice(200.0))}, {"text": "seven"}, {"audio": (8000, harmonic_voice(110.0, rate=8000))}])
+    assert batch["audio_pitch"].tolist() == pytest.approx([200.0, 0.0, 110.0], rel=0.03)
+    assert batch["meta"][0]["audio_pitch"] == pytest.approx(200.0, rel=0.03)
+    assert "audio_pitch" not in processor([{"text": "seven"}])  # no clip, no pitch
+    stacked = processor.stack({"audio": [torch.zeros(32, 100)], "image": [None], "text": [None]})
+    assert "audio_pitch" not in stacked  # spectrograms given without their facts: pitch unknown
+
+
+def test_mel_frequencies_are_where_the_filterbank_peaks():
+    import torchaudio
+
+    from fusion.feature_extraction import mel_frequencies
+
+    for settings in (AudioSettings(), AudioSettings(sampling_rate=16000, n_fft=400, num_mel_bins=80, f_min=0.0,
+                                                    mel_scale="slaney", mel_norm="slaney")):
+        bins = settings.n_fft // 2 + 1
+        filters = torchaudio.functional.melscale_fbanks(bins, settings.f_min, settings.sampling_rate / 2,
+                                                        settings.num_mel_bins, settings.sampling_rate,
+                                                        norm=settings.mel_norm, mel_scale=settings.mel_scale)
+        peaks = np.linspace(0, settings.sampling_rate / 2, bins)[filters.argmax(dim=0).numpy()]
+        centres = np.array(mel_frequencies(settings))
+        assert len(centres) == settings.num_mel_bins and (np.diff(centres) > 0).all()
+        assert np.abs(peaks - centres).max() <= settings.sampling_rate / settings.n_fft / 2 + 1e-6  # half an FFT bin
+
+
+def test_scaling_frequencies_moves_a_tone_to_its_scaled_pitch_and_stays_linear():
+    from fusion.feature_extraction import mel_frequencies
+    from fusion.modeling import scale_frequencies
+
+    settings = AudioSettings(sampling_rate=16000, n_fft=400, num_mel_bins=80, f_min=0.0, mel_scale="slaney", mel_norm="slaney")
+    centres = mel_frequencies(settings)
+    log_mel = LogMel(settings)
+    t = np.arange(16000) / 16000
+    tone = lambda f: log_mel(torch.from_numpy(np.sin(2 * np.pi * f * t).astype(np.float32))[None])  # noqa: E731
+    for high, scale in ((2000.0, 0.6), (1500.0, 0.8), (600.0, 0.7)):
+        lowered = scale_frequencies(tone(high), scale, centres)
+        peak = centres[int(lowered[0].mean(dim=-1).argmax())]
+        assert peak == pytest.approx(high * scale, rel=0.06)
+    torch.testing.assert_close(scale_frequencies(tone(700.0), 1.0, centres), tone(700.0))
+    a, b = torch.randn(2, 80, 10), torch.randn(2, 80, 10)
+    torch.testing.assert_close(scale_frequencies(2 * a + b, 0.7, centres), 2 * scale_frequencies(a, 0.7, centres)
+                               + scale_frequencies(b, 0.7, centres))
+    with pytest.raises(ValueError, match="80 mel bins but audio_views_frequencies names 3"):
+        scale_frequencies(a, 0.7, [100.0, 200.0, 300.0])
+
+
+def test_a_known_pitch_decides_which_clips_try_the_views():
+    from fusion.feature_extraction import mel_frequencies
+
+    model = views_model()
+    model.config.audio_views_frequencies = mel_frequencies(AudioSettings(sampling_rate=16000, n_fft=400, num_mel_bins=80,
+                                                                         f_min=0.0, mel_scale="slaney"))
+    torch.manual_seed(1)
+    audio = torch.randn(8, 80, 100) * torch.linspace(0.2, 3, 8)[:, None, None]
+    pitch = torch.tensor([100.0, 220.0, 0.0, 150.0, 300.0, 0.0, 90.0, 180.0])
+    with torch.no_grad():
+        model.config.audio_views_below = None
+        always = model(audio_values=audio).audio_scales  # every clip tries them
+        model.config.audio_views_pitch_above = 160.0
+        gated = model(audio_values=audio, audio_pitch=pitch).audio_scales
+        model.config.audio_views = None
+        as_given = model(audio_values=audio).logits
+        model.config.audio_views = [0.8, 1.25]
+        low = model(audio_values=audio, audio_pitch=pitch).logits
+    high, unknown = pitch > 160, pitch == 0
+    assert (always[~high & ~unknown] != 1).any()  # low voices that would have moved without the pitch
+    torch.testing.assert_close(gated, torch.where(high | unknown, always, torch.ones_like(always)))
+    torch.testing.assert_close(low[~high & ~unknown], as_given[~high & ~unknown], atol=1e-5, rtol=1e-5)
+    # The views of this model scale frequencies in Hz: the answer is the model's own at that scale.
+    from fusion.modeling import scale_frequencies
+    row = int(torch.nonzero(gated != 1)[0])
+    with torch.no_grad():
+        model.config.audio_views = None
+        direct = model(audio_values=scale_frequencies(audio[row : row + 1], float(gated[row]),
+                                                      model.config.audio_views_frequencies)).logits
+    torch.testing.assert_close(low[row : row + 1], direct, atol=1e-5, rtol=1e-5)

@@ -17,6 +17,7 @@ from fusion import FusionForClassification, FusionPipeline, train
 from fusion import evaluate as evaluate_cli
 from fusion.data.examples import collate
 from fusion.data.sources import list_fsdd, load_mnist, load_phrases
+from fusion.feature_extraction import mel_frequencies
 
 from .conftest import tiny_model
 
@@ -63,8 +64,11 @@ def test_tiny_manifest_training_lowers_loss_and_writes_a_loadable_checkpoint(man
     pipe = FusionPipeline.from_pretrained(out, precision="fp32")
     assert sorted(pipe.labels) == sorted(f"digit {d}" for d in range(10))
     assert pipe(text="seven").label.startswith("digit ")
-    # The model hears an unsure clip at the validated views too (inference only).
-    assert (pipe.model.config.audio_views, pipe.model.config.audio_views_below) == ([0.9, 0.8, 1.1], 0.8)
+    # The model hears a high voice, or an unsure clip of unknown pitch, at the validated views too (inference only),
+    # each view scaling frequencies in Hz over the processor's own mel bins.
+    config = pipe.model.config
+    assert (config.audio_views, config.audio_views_below, config.audio_views_pitch_above) == ([0.9, 0.8, 0.7, 0.6], 0.8, 160.0)
+    assert config.audio_views_frequencies == mel_frequencies(pipe.processor.settings.audio)
     with pytest.raises(SystemExit, match=r"--audio-views.*in \[0.5, 2\]"):
         train.main(["--manifest", str(manifest), "--out", str(tmp_path / "bad"), "--epochs", "1", "--audio-views", "0.3", *TINY])
 

@@ -231,7 +231,7 @@ class ExampleMaker:
 
 def warp_mel(features: torch.Tensor, scale: float) -> torch.Tensor:
     """A (mel, frames) spectrogram with its frequency axis stretched by `scale` (vocal tract length
-    perturbation; the same warp as the model's `audio_views`)."""
+    perturbation; the warp of `audio_views` in checkpoints without `audio_views_frequencies`)."""
     return warp_frequencies(features[None], scale)[0]
 
 
