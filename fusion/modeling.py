@@ -525,6 +525,7 @@ class FusionModel(FusionPreTrainedModel):
         audio_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         audio_encoder_states: torch.Tensor | None = None,
+        audio_pitch: torch.Tensor | None = None,
     ) -> FusionOutput:
         """
         Args:
@@ -536,6 +537,8 @@ class FusionModel(FusionPreTrainedModel):
             output_attentions (`bool`): use the explicit attention path and return every attention map.
             audio_encoder_states (`(B, T, E)`): the audio encoder's output, in place of `audio_values`, when it was
                 computed beforehand (training with a frozen audio encoder caches it per clip).
+            audio_pitch (`(B,)`): each clip's voice pitch, as the processor's batches carry it; only
+                `FusionForClassification`'s audio views read it, so the base model hears every clip as given.
         """
         if audio_encoder_states is not None and audio_values is not None:
             raise ValueError("give audio_values or audio_encoder_states, not both")

@@ -344,6 +344,11 @@ def test_the_processor_reports_each_clips_pitch_for_the_model(processor):
     assert "audio_pitch" not in processor([{"text": "seven"}])  # no clip, no pitch
     stacked = processor.stack({"audio": [torch.zeros(32, 100)], "image": [None], "text": [None]})
     assert "audio_pitch" not in stacked  # spectrograms given without their facts: pitch unknown
+    model = FusionForClassification(tiny_config(audio_views=[0.8], audio_views_pitch_above=150.0)).eval()
+    inputs = processor.model_inputs(batch)
+    with torch.no_grad():  # the base model takes the processor's batch too, and hears every clip as given
+        assert model.fusion(**inputs).summary.shape[0] == 3
+        assert model(**inputs).audio_scales[1:].tolist() == [1.0, 1.0]  # no audio; a voice below 150 Hz
 
 
 def test_mel_frequencies_are_where_the_filterbank_peaks():
