@@ -357,7 +357,8 @@ def validate(pipeline: FusionPipeline, pools: dict) -> dict:
 def frozen_audio_banks(encoder: ModalityEncoder, processor: FusionProcessor, pools: Pools, args) -> dict:
     """The frozen encoder's outputs for every training clip (`--audio-variants` versions each) and for noise
     clips, as `ExampleMaker` takes them (with `--tune-audio-layers`, the input of the layers trained)."""
-    common = dict(augment=VoiceAugment(), seed=args.seed, cache=args.cache, tuned=args.tune_audio_layers)
+    keep_band = {"off": False, "all": True, "voice": "voice"}[args.keep_band]
+    common = dict(augment=VoiceAugment(keep_band=keep_band), seed=args.seed, cache=args.cache, tuned=args.tune_audio_layers)
     recorded = audio_bank(encoder, processor, pools.waves, variants=args.audio_variants, **common)
     synthetic = audio_bank(encoder, processor, pools.synthetic_waves, variants=args.audio_variants, **common)
     settings = processor.settings.audio
@@ -441,6 +442,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--audio-views-warp", choices=("hz", "mel"), default="hz",
                         help="hz: a view scales every frequency in Hz, as a pitch shift does; mel: it stretches the mel "
                         "axis (the views of checkpoints before 2026-12-03)")
+    parser.add_argument("--keep-band", choices=("off", "all", "voice"), default="off",
+                        help="augmented copies of a clip keep its bandwidth: all of a copy, or only its voice's changes "
+                        "(speed, pitch) with the room, microphone and noise over the whole band (VoiceAugment.keep_band)")
     parser.add_argument("--audio-variants", type=int, default=4,
                         help="frozen audio encoder: versions of each clip cached, the first as recorded, the rest augmented")
     parser.add_argument("--real-share", type=float, default=Augment.real_share,

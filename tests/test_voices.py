@@ -145,6 +145,12 @@ def test_a_variant_keeps_the_bandwidth_the_clip_was_recorded_with():
                           surround=0, keep_band=True)
     assert above_band(raised.waveform(clip, random.Random(0), RATE)) < 1e-3
     assert above_band(dataclasses.replace(raised, noise=0, keep_band=False).waveform(clip, random.Random(0), RATE)) > 0.05
+    # "voice": the raised voice stays within the band, the noise added after it covers the whole band.
+    voice_only = dataclasses.replace(raised, keep_band="voice")
+    quiet = dataclasses.replace(voice_only, noise=0).waveform(clip, random.Random(0), RATE)
+    assert above_band(quiet) < 1e-6 and above_band(voice_only.waveform(clip, random.Random(0), RATE)) > 1e-4
+    with pytest.raises(ValueError, match="keep_band must be False, True or 'voice'"):
+        VoiceAugment(keep_band="yes")
 
 
 def test_tuned_top_layers_finish_the_cached_states_and_alone_are_trained(whisper_processor, tokenizer):
