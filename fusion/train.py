@@ -357,7 +357,7 @@ def validate(pipeline: FusionPipeline, pools: dict) -> dict:
 def frozen_audio_banks(encoder: ModalityEncoder, processor: FusionProcessor, pools: Pools, args) -> dict:
     """The frozen encoder's outputs for every training clip (`--audio-variants` versions each) and for noise
     clips, as `ExampleMaker` takes them (with `--tune-audio-layers`, the input of the layers trained)."""
-    keep_band = {"off": False, "all": True, "voice": "voice"}[args.keep_band]
+    keep_band: bool | str = {"off": False, "all": True}.get(args.keep_band, args.keep_band)  # or "voice"
     common = dict(augment=VoiceAugment(keep_band=keep_band), seed=args.seed, cache=args.cache, tuned=args.tune_audio_layers)
     recorded = audio_bank(encoder, processor, pools.waves, variants=args.audio_variants, **common)
     synthetic = audio_bank(encoder, processor, pools.synthetic_waves, variants=args.audio_variants, **common)
