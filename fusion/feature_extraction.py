@@ -14,6 +14,10 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
+from torchaudio.functional.functional import (  # the filterbank's own mel scale
+    _hz_to_mel,
+    _mel_to_hz,
+)
 
 from .image_processing import stack_grids
 from .input_errors import FusionInputError
@@ -221,29 +225,13 @@ def estimate_pitch(wave: np.ndarray, rate: int, *, f_min: float = 60.0, f_max: f
     return float(np.median(pitches)) if pitches else 0.0
 
 
-def _to_mel(hz: np.ndarray, scale: str) -> np.ndarray:
-    if scale == "htk":
-        return 2595.0 * np.log10(1.0 + hz / 700.0)
-    # slaney: linear to 1 kHz (15 mels), logarithmic above
-    return np.where(hz >= 1000.0, 15.0 + np.log(np.maximum(hz, 1e-9) / 1000.0) / SLANEY_LOG_STEP, hz * 3.0 / 200.0)
-
-
-def _to_hz(mel: np.ndarray, scale: str) -> np.ndarray:
-    if scale == "htk":
-        return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
-    return np.where(mel >= 15.0, 1000.0 * np.exp(SLANEY_LOG_STEP * (mel - 15.0)), mel * 200.0 / 3.0)
-
-
-SLANEY_LOG_STEP = math.log(6.4) / 27.0  # log-Hz per mel above 1 kHz on the slaney scale
-
-
 def mel_frequencies(settings: AudioSettings) -> list[float]:
     """The centre frequency (Hz) of each mel bin of `settings`' spectrogram, lowest first (the filterbank's
-    triangles peak there): what a view that scales frequencies needs (`FusionConfig.audio_views_frequencies`)."""
-    edges = np.array([settings.f_min, settings.sampling_rate / 2], dtype=np.float64)
-    low, high = _to_mel(edges, settings.mel_scale)
-    points = np.linspace(low, high, settings.num_mel_bins + 2)[1:-1]
-    return [round(float(f), 3) for f in _to_hz(points, settings.mel_scale)]
+    triangles peak there): what a view that scales frequencies needs (`FusionConfig.audio_views_frequencies`).
+    torchaudio's own scale conversions, as `melscale_fbanks` (which `LogMel` builds on) places the triangles."""
+    low, high = (_hz_to_mel(f, mel_scale=settings.mel_scale) for f in (settings.f_min, settings.sampling_rate / 2))
+    points = torch.linspace(low, high, settings.num_mel_bins + 2, dtype=torch.float64)[1:-1]
+    return [round(float(f), 3) for f in _mel_to_hz(points, mel_scale=settings.mel_scale)]
 
 
 class LogMel:

@@ -759,19 +759,27 @@ class FusionForClassification(FusionPreTrainedModel):
                 return self.head(summary).float().softmax(dim=-1)  # (R, K)
 
         first_features, attentions = encoder.features(audio_values[rows], output_attentions=output_attentions)
-        first = alone(first_features)
         heard = first_features.new_zeros(batch, *first_features.shape[1:]).index_copy(0, rows, first_features)  # (B, T, E)
         below, above = self.config.audio_views_below, self.config.audio_views_pitch_above
-        unsure = torch.ones_like(rows, dtype=torch.bool) if below is None else first.max(dim=-1).values < below
-        if above is not None and audio_pitch is not None:
-            pitch = audio_pitch.to(rows.device)[rows].float()
-            unsure = torch.where(pitch > 0, pitch > above, unsure)
+        pitch = (audio_pitch.to(rows.device)[rows].float() if above is not None and audio_pitch is not None
+                 else torch.zeros(len(rows), device=rows.device))  # (R,) Hz, 0 where unknown
+        unsure, unknown = pitch > (above or 0.0), pitch <= 0
+        # A known pitch decides by itself; only a clip without one is judged by its answer as given, so a batch of
+        # men's voices costs no answer alone.
+        first = None
+        if unknown.any():
+            if below is None:
+                unsure |= unknown
+            else:
+                first = alone(first_features)
+                unsure |= unknown & (first.max(dim=-1).values < below)
         if not unsure.any():
             return AudioView(audio_values, chosen, heard, attentions)
         with torch.no_grad():
             unsure_rows, given = rows[unsure], audio_values[rows[unsure]].detach()
             other_features, _ = encoder.features(torch.cat([self.warp_audio(given, s) for s in scales[1:]]))
-            probs = torch.cat([first[unsure], alone(other_features)]).view(len(scales), len(unsure_rows), -1)  # (V, U, K)
+            as_given = first[unsure] if first is not None else alone(first_features[unsure])
+            probs = torch.cat([as_given, alone(other_features)]).view(len(scales), len(unsure_rows), -1)  # (V, U, K)
             agreed = probs.mean(dim=0).argmax(dim=-1)  # (U,)
             best = probs[:, torch.arange(len(unsure_rows)), agreed].argmax(dim=0)  # (U,) index of the view
         if not bool(best.any()):  # every unsure clip is surest as given
