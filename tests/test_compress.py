@@ -110,7 +110,7 @@ def test_prune_command_fine_tunes_and_writes_a_checkpoint_that_answers_and_expla
     report = main(["prune", "--model", str(tiny_checkpoint), "--out", str(out), "--data", str(SAMPLE),
                    "--heads", "2", "--width", "0.5", "--items", "40", "--json",
                    "--finetune-epochs", "1", "--train-data", str(SAMPLE),
-                   "--examples-per-epoch", "64", "--batch-size", "32", "--no-synthetic-voices", "--more-images", "none", "--eval-every", "0",
+                   "--examples-per-epoch", "64", "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "0",
                    "--no-final-eval"])
     assert report["parameters"]["after"] < report["parameters"]["before"] and report["importance_items"] == 40
     assert len(report["finetune"]["losses"]) == 1 and (out / "training_log.json").is_file()
@@ -132,7 +132,7 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tiny_checkpoint, 
     """The same student trained on the same examples, once from the labels alone and once from the teacher's answers
     alone: the distilled one ends nearer the teacher (KL on inputs it never saw)."""
     common = ["--data", str(SAMPLE), "--epochs", "2", "--examples-per-epoch", "128", "--size", "tiny",
-              "--batch-size", "32", "--no-synthetic-voices", "--more-images", "none", "--eval-every", "0", "--no-final-eval",
+              "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "0", "--no-final-eval",
               "--audio-encoder", "convnext", "--lr", "3e-3"]
     for name, share in (("labels", "0"), ("taught", "1")):
         report = main(["distill", "--teacher", str(tiny_checkpoint), "--out", str(tmp_path / name), *common, "--distill", share])
@@ -169,7 +169,7 @@ def test_a_fine_tuned_student_must_share_the_teachers_whisper(tokenizer, tmp_pat
         FusionProcessor(tokenizer, settings).save_pretrained(tmp_path / name)
     with pytest.raises(SystemExit, match="must share their frozen Whisper encoder"):
         train(["--teacher", str(tmp_path / "teacher"), "--init", str(tmp_path / "student"), "--out", str(tmp_path / "out"),
-               "--data", str(SAMPLE), "--epochs", "1", "--size", "tiny", "--no-synthetic-voices", "--more-images", "none"])
+               "--data", str(SAMPLE), "--epochs", "1", "--size", "tiny", "--no-synthetic-voices"])
 
 
 def test_a_whisper_teacher_teaches_a_student_with_its_own_audio_encoder(tokenizer, tmp_path):
@@ -184,7 +184,7 @@ def test_a_whisper_teacher_teaches_a_student_with_its_own_audio_encoder(tokenize
     settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
     FusionProcessor(tokenizer, settings).save_pretrained(teacher)
     main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "student"), "--data", str(SAMPLE), "--epochs", "1",
-          "--examples-per-epoch", "32", "--size", "tiny", "--batch-size", "32", "--no-synthetic-voices", "--more-images", "none", "--eval-every", "0",
+          "--examples-per-epoch", "32", "--size", "tiny", "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "0",
           "--no-final-eval", "--audio-encoder", "convnext"])
     student = FusionPipeline.from_pretrained(tmp_path / "student", precision="fp32", device="cpu")
     assert student.model.config.modality_config("audio").model_type == "convnext"
