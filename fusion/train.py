@@ -260,7 +260,8 @@ def warm_up_images(model: FusionForClassification, maker: ExampleMaker, *, epoch
     encoder = model.fusion.encoder_of("image")
     items = [(label, image) for label, images in sorted(maker.pools.images.items()) for image in images]
     width = encoder_width(model.config.modality_config("image"))
-    head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(maker.pools.labels)))
+    device = next(encoder.parameters()).device
+    head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(maker.pools.labels))).to(device)
     parameters = [p for p in encoder.encoder.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(items) / batch_size)
@@ -268,7 +269,7 @@ def warm_up_images(model: FusionForClassification, maker: ExampleMaker, *, epoch
     processor = maker.processor
 
     def answers(pixels: torch.Tensor) -> torch.Tensor:
-        features, _ = encoder.features(pixels)  # (B, T, E)
+        features, _ = encoder.features(pixels.to(device))  # (B, T, E)
         return head(features.mean(dim=1))
 
     encoder.train()
@@ -283,7 +284,7 @@ def warm_up_images(model: FusionForClassification, maker: ExampleMaker, *, epoch
             torch.manual_seed(rng.getrandbits(32))  # torchvision's warps draw from torch's generator
             pixels = torch.stack([processor.normalize_image(maker.augment_image(torch.from_numpy(items[i][1])[None], rng))
                                   for i in chosen])  # (B, 1, size, size)
-            labels = torch.tensor([items[i][0] for i in chosen])
+            labels = torch.tensor([items[i][0] for i in chosen], device=device)
             loss = F.cross_entropy(answers(pixels), labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -298,7 +299,7 @@ def warm_up_images(model: FusionForClassification, maker: ExampleMaker, *, epoch
         with torch.no_grad():
             pairs = [(label, image) for label, images in sorted(validation.items()) for image in images]
             right = sum(int((answers(torch.stack([processor.normalize_image(image) for _, image in pairs[i:i + 256]]))
-                             .argmax(-1) == torch.tensor([label for label, _ in pairs[i:i + 256]])).sum())
+                             .argmax(-1).cpu() == torch.tensor([label for label, _ in pairs[i:i + 256]])).sum())
                         for i in range(0, len(pairs), 256))
         report["val_image"] = round(right / len(pairs), 4)
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -681,7 +682,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.image_warmup:
         if not pools.images:
             log(f"note: --image-warmup {args.image_warmup}: there are no training images; skipped")
-        else:
+        else:  # on the training device; each process of a distributed run does the same (seeded) warm-up
+            model.to(accelerator.device)
             warmup = warm_up_images(model, maker, epochs=args.image_warmup, batch_size=args.batch_size, lr=args.lr,
                                     seed=args.seed, validation=val_pools.images if val_pools is not None else None)
             log(json.dumps({"image_warmup": warmup}))
