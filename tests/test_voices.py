@@ -140,7 +140,8 @@ def test_kokoro_training_speakers_blend_only_its_training_voices():
         shares = dict(part.split(":") for part in voice.arguments[0].split(","))
         assert set(shares) <= set(synthetic.KOKORO_TRAINING_VOICES) and len(shares) == 2
         assert abs(sum(map(float, shares.values())) - 1) < 0.011 and 0.8 <= float(voice.arguments[1]) <= 1.25
-    assert synthetic.KOKORO_HELD_OUT_VOICES and not set(synthetic.KOKORO_HELD_OUT_VOICES) & set(synthetic.KOKORO_TRAINING_VOICES)
+    blended = {name for v in train_voices for name in dict(p.split(":") for p in v.arguments[0].split(","))}
+    assert blended == set(synthetic.KOKORO_TRAINING_VOICES) < set(synthetic.KOKORO_VOICES)  # some are never blended
 
 
 def test_an_engine_that_is_not_installed_is_left_out(tmp_path, monkeypatch):

@@ -145,11 +145,17 @@ class ImageSource:
     install: str
 
     def read(self) -> tuple[np.ndarray, np.ndarray] | None:
-        try:
-            path = Path(str(importlib.metadata.distribution(self.package).locate_file(self.file)))
-        except importlib.metadata.PackageNotFoundError:
-            return None
-        return self.reader(path) if path.is_file() else None
+        path = package_file(self.package, self.file)
+        return self.reader(path) if path is not None and path.is_file() else None
+
+
+def package_file(package: str, name: str) -> Path | None:
+    """Where `name` lies inside the installed pip `package` (found without importing it), or None where that
+    package is not installed."""
+    try:
+        return Path(str(importlib.metadata.distribution(package).locate_file(name)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # Extra training images by source name (`fusion.train --more-images`). Both hold MNIST training-set images

