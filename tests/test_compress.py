@@ -190,3 +190,72 @@ def test_a_whisper_teacher_teaches_a_student_with_its_own_audio_encoder(tokenize
     assert student.model.config.modality_config("audio").model_type == "convnext"
     assert student.processor.settings.audio.num_mel_bins == 80
     assert student(audio=str(SAMPLE / "fsdd" / sorted(p.name for p in (SAMPLE / "fsdd").iterdir())[0])).label in student.labels
+
+
+def test_a_student_with_fewer_whisper_layers_learns_from_the_teachers_upper_layers(tokenizer, two_speakers, tmp_path):
+    """A student keeps the teacher's first Whisper layer and tunes it; the cached input of that layer is also the
+    input the teacher's two layers start from, so the teacher's answers are its own. The student's other sizes
+    (fusion, text, ConvNeXt depth) are its own, and it starts from the teacher's weights where they fit."""
+    from fusion.data.audio_bank import encode_waves, finish_states
+    from fusion.data.voice_augment import VoiceAugment
+    from fusion.feature_extraction import AudioSettings
+    from fusion.processing import FusionProcessor, ProcessorSettings
+    from fusion.speech import WHISPER_AUDIO_SETTINGS
+
+    teacher_dir = tmp_path / "teacher"
+    teacher = tiny_model(tokenizer, audio_config=tiny_whisper_config(layers=2))
+    teacher.save_pretrained(teacher_dir)
+    settings = ProcessorSettings()
+    settings.audio = AudioSettings(**WHISPER_AUDIO_SETTINGS)
+    processor = FusionProcessor(tokenizer, settings)
+    processor.save_pretrained(teacher_dir)
+    # The identity the training relies on: the teacher's layers run from the shallow encoder's cached input give
+    # the teacher's own output.
+    shallow = copy.deepcopy(teacher.fusion.encoder_of("audio"))
+    del shallow.encoder.layers[1]
+    rate = settings.audio.sampling_rate  # the bank reads waveforms at the model's rate
+    wave = torch.sin(torch.arange(rate) * 2 * torch.pi * 220 / rate).numpy()
+    below = encode_waves(shallow, processor, [wave], variants=1, augment=VoiceAugment(), seed=0, cache=None, tuned=1)[0]
+    with torch.no_grad():
+        full = teacher.fusion.encoder_of("audio").features(processor.audio_features((rate, wave))[0][None])[0]
+        rebuilt = finish_states(teacher.fusion.encoder_of("audio"), below.float(), tuned=2)
+    torch.testing.assert_close(rebuilt, full, rtol=0, atol=2e-2)  # the cache is float16
+
+    common = ["--data", str(two_speakers), "--heldout-speaker", "nicolas", "--epochs", "1", "--examples-per-epoch", "96",
+              "--size", "tiny", "--batch-size", "32", "--no-synthetic-voices", "--eval-every", "0", "--no-final-eval"]
+    with pytest.raises(SystemExit, match="needs --tune-audio-layers"):
+        main(["distill", "--teacher", str(teacher_dir), "--out", str(tmp_path / "x"), *common, "--whisper-layers", "1"])
+    with pytest.raises(SystemExit, match=r"--whisper-layers must be in 1..2"):
+        main(["distill", "--teacher", str(teacher_dir), "--out", str(tmp_path / "x"), *common, "--whisper-layers", "3",
+              "--tune-audio-layers", "1"])
+    main(["distill", "--teacher", str(teacher_dir), "--out", str(tmp_path / "student"), *common, "--whisper-layers", "1",
+          "--tune-audio-layers", "1", "--distill-states", "1", "--teacher-init", "--config",
+          json.dumps({"fusion_layers": 1, "text_layers": 1, "conv_depth": 1})])
+    student = FusionPipeline.from_pretrained(tmp_path / "student", precision="fp32", device="cpu")
+    config = student.model.config
+    assert config.modality_config("audio").encoder_layers == 1 and config.num_hidden_layers == 1
+    assert config.modality_config("text").num_hidden_layers == 1 and config.modality_config("image").depths == [1, 1]
+    whisper, taught = student.model.fusion.encoder_of("audio").encoder, teacher.fusion.encoder_of("audio").encoder
+    assert torch.equal(whisper.conv1.weight, taught.conv1.weight)  # frozen, below the tuned layer
+    assert not torch.equal(whisper.layers[0].fc1.weight, taught.layers[0].fc1.weight)  # tuned (the first step's rate is 0)
+    prediction = student(image=str(SAMPLE.parent / "digit-7.png"), text="three",
+                         audio=str(SAMPLE / "fsdd" / sorted(p.name for p in (SAMPLE / "fsdd").iterdir())[0]), explain=True)
+    assert prediction.label in student.labels and prediction.explanation.audio_heatmap is not None
+
+
+def test_a_student_starts_from_the_teachers_tensors_that_fit(tokenizer):
+    from fusion.train import start_from
+
+    teacher = tiny_model(tokenizer, audio_config=tiny_whisper_config(layers=2))
+    torch.manual_seed(1)
+    student = FusionForClassification(tiny_config(text_config=teacher.config.text_config.to_dict(),
+                                                  audio_config=tiny_whisper_config(layers=1), num_hidden_layers=1,
+                                                  intermediate_size=48))
+    copied = start_from(student, teacher)
+    own, theirs = student.state_dict(), teacher.state_dict()
+    assert 0 < copied < len(own)
+    assert torch.equal(own["fusion.encoders.audio.encoder.layers.0.fc1.weight"], theirs["fusion.encoders.audio.encoder.layers.0.fc1.weight"])
+    for name in ("fusion.layers.0.attention.query.weight", "classifier.weight", "fusion.summary_token"):
+        assert torch.equal(own[name], theirs[name])
+    assert own["fusion.layers.0.mlp.up.weight"].shape != theirs["fusion.layers.0.mlp.up.weight"].shape  # left as it was
+    assert not any(k.startswith("fusion.layers.1.") for k in own)

@@ -213,18 +213,6 @@ def test_a_synthetic_voice_is_spoken_at_the_models_rate(tmp_path, monkeypatch):
     assert rate == synthetic.RATE and 0.2 < len(samples) / rate < 2.0
 
 
-@pytest.fixture(scope="module")
-def two_speakers(tmp_path_factory):
-    """The sample's data with its clips split between the test speaker and a second one, "nicolas"."""
-    folder = tmp_path_factory.mktemp("speakers")
-    shutil.copytree(SAMPLE / "mnist", folder / "mnist")
-    (folder / "fsdd").mkdir()
-    for i, clip in enumerate(list_fsdd(SAMPLE)):
-        speaker = "nicolas" if i % 2 else clip.speaker
-        shutil.copyfile(clip.path, folder / "fsdd" / f"{clip.label}_{speaker}_{i}.wav")
-    return folder
-
-
 def test_validation_speaker_is_left_out_of_training(two_speakers, tmp_path):
     args = train.parse_args(["--data", str(two_speakers), "--out", str(tmp_path / "v"), "--val-speaker", "nicolas",
                              *TINY])

@@ -204,8 +204,12 @@ def test_tuned_top_layers_finish_the_cached_states_and_alone_are_trained(whisper
         finished = finish_states(encoder, torch.cat(below).float(), tuned=1)
     torch.testing.assert_close(finished, full, rtol=0, atol=2e-2)  # the cache is float16
     assert not torch.allclose(torch.cat(below).float(), full, atol=0.1)  # what is cached is not the output
-    with pytest.raises(ValueError, match="tuned must be in 1..1"):
-        encode_waves(encoder, whisper_processor, waves, variants=1, augment=VoiceAugment(), seed=0, cache=None, tuned=2)
+    # All layers tuned: what is cached is the front end's output with positions, and the layers finish it the same.
+    embedded = encode_waves(encoder, whisper_processor, waves, variants=1, augment=VoiceAugment(), seed=0, cache=None, tuned=2)
+    with torch.no_grad():
+        torch.testing.assert_close(finish_states(encoder, torch.cat(embedded).float(), tuned=2), full, rtol=0, atol=2e-2)
+    with pytest.raises(ValueError, match="tuned must be in 1..2"):
+        encode_waves(encoder, whisper_processor, waves, variants=1, augment=VoiceAugment(), seed=0, cache=None, tuned=3)
     # Training on those states: the tuned layer learns, the one below and the front end get no gradient.
     encoder.encoder.requires_grad_(False)
     for module in (encoder.encoder.layers[1], encoder.encoder.layer_norm):

@@ -98,14 +98,15 @@ def finish_states(encoder: ModalityEncoder, states: torch.Tensor, *, tuned: int)
 
 def _states_below(encoder: ModalityEncoder, features: torch.Tensor, tuned: int) -> torch.Tensor:
     """The audio encoder's features of (B, mel, frames) spectrograms, or with `tuned`, the input of its top `tuned`
-    layers (the output of the layer below them, read by a hook while the whole encoder runs)."""
+    layers (all of them: the convolutions' output with positions added), read by a hook while the whole encoder
+    runs."""
     if not tuned:
         return encoder.features(features)[0]
     layers = cast(nn.ModuleList, encoder.encoder.layers)
-    if not 0 < tuned < len(layers):
-        raise ValueError(f"tuned must be in 1..{len(layers) - 1} (the layers below stay frozen), got {tuned}")
+    if not 0 < tuned <= len(layers):
+        raise ValueError(f"tuned must be in 1..{len(layers)} (the layers below stay frozen), got {tuned}")
     found: list[torch.Tensor] = []
-    hook = layers[len(layers) - tuned - 1].register_forward_hook(lambda module, args, output: found.append(output))
+    hook = layers[len(layers) - tuned].register_forward_pre_hook(lambda module, args: found.append(args[0]))
     try:
         encoder.features(features)
     finally:
