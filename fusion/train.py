@@ -213,8 +213,6 @@ class FusionObjective(nn.Module):
                 teacher_inputs = {**teacher_inputs, "audio_values": taught_states}
                 if self.distill_states and len(rows):
                     states_loss = F.mse_loss(finished[rows].float(), taught_states[rows].float())
-            else:
-                teacher_inputs = inputs
         out = self.model.fusion.encode(inputs, precomputed={"audio": self.audio_states})
         assert out.modality_spans is not None and out.modality_mask is not None
         present = torch.stack([out.modality_mask[m] for m in out.modality_spans], dim=1).cpu()  # (B, M)
@@ -655,6 +653,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     whisper_state, audio_config = None, None
     teacher = None
+    if not args.teacher and (args.teacher_init or args.distill_states):
+        raise SystemExit("--teacher-init and --distill-states need --teacher (they start from or match its weights)")
+    if args.distill_states and not args.tune_audio_layers:
+        raise SystemExit("--distill-states needs --tune-audio-layers: only tuned Whisper layers can move towards the "
+                         "teacher's states")
     if args.teacher:
         # Distillation: the student reads the teacher's processor (the same token ids and features) and, with a
         # Whisper teacher, starts from the same frozen Whisper, so the cached audio states serve both.

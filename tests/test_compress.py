@@ -259,3 +259,15 @@ def test_a_student_starts_from_the_teachers_tensors_that_fit(tokenizer):
         assert torch.equal(own[name], theirs[name])
     assert own["fusion.layers.0.mlp.up.weight"].shape != theirs["fusion.layers.0.mlp.up.weight"].shape  # left as it was
     assert not any(k.startswith("fusion.layers.1.") for k in own)
+
+
+def test_student_options_without_what_they_need_are_refused(tmp_path):
+    from fusion.train import main as train
+
+    common = ["--out", str(tmp_path / "x"), "--data", str(SAMPLE), "--size", "tiny", "--epochs", "1"]
+    with pytest.raises(SystemExit, match="need --teacher"):
+        train([*common, "--teacher-init"])
+    with pytest.raises(SystemExit, match="need --teacher"):
+        train([*common, "--distill-states", "1"])
+    with pytest.raises(SystemExit, match="--distill-states needs --tune-audio-layers"):
+        train([*common, "--teacher", str(tmp_path / "t"), "--distill-states", "1"])
