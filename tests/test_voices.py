@@ -84,6 +84,18 @@ def test_microphone_recording_is_48k_with_a_second_of_noise_each_side():
     assert 15 < 10 * np.log10(speech_power / noise_power) < 25
 
 
+def test_a_noisy_rooms_recording_has_pink_noise_10_db_down():
+    clip = sine(200, 0.5)
+    recording = microphone_recording(clip, RATE, seed=0, snr_db=10.0, pink=True)
+    assert len(recording) == 48000 + 24000 + 48000
+    noise = recording[:48000]
+    assert 10 * np.log10(np.mean(recording[48000:72000] ** 2) / np.mean(noise ** 2)) == pytest.approx(10.4, abs=1.5)
+    spectrum = np.abs(np.fft.rfft(noise)) ** 2
+    frequencies = np.fft.rfftfreq(len(noise), 1 / 48000)
+    low, high = (spectrum[(frequencies >= f) & (frequencies < 2 * f)].mean() for f in (200, 6400))
+    assert 10 * np.log10(low / high) == pytest.approx(10 * np.log10(32), abs=3)  # 5 octaves at 3 dB each
+
+
 @pytest.fixture()
 def whisper_processor(tokenizer):
     processor = FusionProcessor(tokenizer)

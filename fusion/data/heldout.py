@@ -12,7 +12,8 @@ as a folder `fusion.evaluate` reads (`DIR/NAME/fsdd/{digit}_{speaker}.wav`):
 - `pitch+4`, `pitch+7`: the held-out speaker raised by 4 and 7 semitones with sox (a stand-in for women's and
   children's voices; a different algorithm from training's own pitch augmentation);
 - `microphone`: the held-out speaker as a browser records it: 48 kHz, a second of silence on each side, and
-  background noise 20 dB below the speech.
+  background noise 20 dB below the speech;
+- `microphone-pink10`: the same in a noisy room: pink noise (power falling as 1/f) 10 dB below the speech.
 """
 
 from __future__ import annotations
@@ -85,15 +86,21 @@ def write_examples(data: str | Path, out: str | Path, *, cache: str | Path | Non
 
 
 def microphone_recording(samples: np.ndarray, rate: int, *, seed: int, out_rate: int = 48000, snr_db: float = 20.0,
-                         silence: float = 1.0) -> np.ndarray:
+                         silence: float = 1.0, pink: bool = False) -> np.ndarray:
     """A clip as a browser microphone delivers it: resampled to `out_rate`, `silence` seconds of quiet on each
-    side, and white noise `snr_db` below the speech's power over the whole recording."""
+    side, and white noise (`pink`: power falling as 1/f, as a room's hum and fans sound) `snr_db` below the
+    speech's power over the whole recording."""
     wave = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), rate, out_rate).numpy()
     pad = np.zeros(int(silence * out_rate), dtype=np.float32)
     speech_power = float(np.mean(wave.astype(np.float64) ** 2)) + 1e-10
     recording = np.concatenate([pad, wave, pad])
-    noise = np.random.default_rng(seed).normal(0, 1, len(recording)) * np.sqrt(speech_power / 10 ** (snr_db / 10))
-    return (recording + noise).astype(np.float32)
+    noise = np.random.default_rng(seed).normal(0, 1, len(recording))
+    if pink:
+        spectrum = np.fft.rfft(noise)
+        spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))
+        noise = np.fft.irfft(spectrum, n=len(noise))
+        noise /= noise.std()
+    return (recording + noise * np.sqrt(speech_power / 10 ** (snr_db / 10))).astype(np.float32)
 
 
 def write_voice_sets(data: str | Path, out: str | Path, *, cache: str | Path, speaker: str = HELD_OUT_SPEAKER) -> list[Path]:
@@ -127,10 +134,12 @@ def write_voice_sets(data: str | Path, out: str | Path, *, cache: str | Path, sp
             for clip in clips:
                 subprocess.run(["sox", str(clip.path), str(target / clip.path.name), "pitch", str(100 * semitones)],
                                check=True, capture_output=True, timeout=60)
-    target = folder("microphone")
-    for index, clip in enumerate(clips):
-        samples, rate = soundfile.read(clip.path, dtype="float32")
-        soundfile.write(target / clip.path.name, microphone_recording(samples, rate, seed=index), 48000, subtype="PCM_16")
+    for name, options in (("microphone", {}), ("microphone-pink10", {"snr_db": 10.0, "pink": True})):
+        target = folder(name)
+        for index, clip in enumerate(clips):
+            samples, rate = soundfile.read(clip.path, dtype="float32")
+            soundfile.write(target / clip.path.name, microphone_recording(samples, rate, seed=index, **options), 48000,
+                            subtype="PCM_16")
     return written
 
 
