@@ -134,12 +134,12 @@ def write_voice_sets(data: str | Path, out: str | Path, *, cache: str | Path, sp
             for clip in clips:
                 subprocess.run(["sox", str(clip.path), str(target / clip.path.name), "pitch", str(100 * semitones)],
                                check=True, capture_output=True, timeout=60)
-    for name, options in (("microphone", {}), ("microphone-pink10", {"snr_db": 10.0, "pink": True})):
+    for name, snr_db, pink in (("microphone", 20.0, False), ("microphone-pink10", 10.0, True)):
         target = folder(name)
         for index, clip in enumerate(clips):
             samples, rate = soundfile.read(clip.path, dtype="float32")
-            soundfile.write(target / clip.path.name, microphone_recording(samples, rate, seed=index, **options), 48000,
-                            subtype="PCM_16")
+            recording = microphone_recording(samples, rate, seed=index, snr_db=snr_db, pink=pink)
+            soundfile.write(target / clip.path.name, recording, 48000, subtype="PCM_16")
     return written
 
 
