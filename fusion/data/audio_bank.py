@@ -24,7 +24,7 @@ from ..feature_extraction import prepare_waveform
 from ..modeling import ModalityEncoder
 from ..processing import FusionProcessor
 from .examples import warp_mel
-from .voice_augment import VoiceAugment
+from .voice_augment import VoiceAugment, pink
 
 # Bump when the code that makes variants changes, so old cache files are not reused (the augmentation's settings
 # are part of each file's key already).
@@ -80,8 +80,7 @@ def garbage_waves(count: int, seconds: float, rate: int, *, seed: int = 0) -> li
             wave = np.cumsum(wave).astype(np.float32)
             wave -= wave.mean()
         elif index % 3 == 2:
-            spectrum = np.fft.rfft(wave) / np.sqrt(np.arange(1, len(wave) // 2 + 2))
-            wave = np.fft.irfft(spectrum, n=len(wave)).astype(np.float32)
+            wave = pink(wave).astype(np.float32)
         waves.append(wave)
     return waves
 

@@ -29,6 +29,7 @@ import torch
 import torchaudio
 from PIL import Image
 
+from . import voice_augment
 from .sources import HELD_OUT_SPEAKER, list_fsdd, load_mnist, mnist_split, write_heldout
 from .synthetic import synthetic_clips, voices
 
@@ -96,9 +97,7 @@ def microphone_recording(samples: np.ndarray, rate: int, *, seed: int, out_rate:
     recording = np.concatenate([pad, wave, pad])
     noise = np.random.default_rng(seed).normal(0, 1, len(recording))
     if pink:
-        spectrum = np.fft.rfft(noise)
-        spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))
-        noise = np.fft.irfft(spectrum, n=len(noise))
+        noise = voice_augment.pink(noise)
         noise /= noise.std()
     return (recording + noise * np.sqrt(speech_power / 10 ** (snr_db / 10))).astype(np.float32)
 

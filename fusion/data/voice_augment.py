@@ -74,14 +74,16 @@ def band_limit(wave: np.ndarray, rate: int, band: float) -> np.ndarray:
     return np.fft.irfft(spectrum, n=len(wave)).astype(np.float32)
 
 
+def pink(noise: np.ndarray) -> np.ndarray:
+    """White `noise` made pink: its power falling as 1/f (towards the low frequencies, as rooms and fans sound)."""
+    return np.fft.irfft(np.fft.rfft(noise) / np.sqrt(np.arange(1, len(noise) // 2 + 2)), n=len(noise))
+
+
 def add_noise(wave: np.ndarray, snr_db: float, rng: random.Random, *, colour: str = "white") -> np.ndarray:
-    """Gaussian noise at `snr_db` below the clip's power; "pink" tilts it towards the low frequencies, as rooms
-    and fans sound."""
+    """Gaussian noise at `snr_db` below the clip's power, white or `pink`."""
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, len(wave))
     if colour == "pink":
-        spectrum = np.fft.rfft(noise)
-        spectrum /= np.sqrt(np.arange(1, len(spectrum) + 1))
-        noise = np.fft.irfft(spectrum, n=len(wave))
+        noise = pink(noise)
     power = float(np.mean(wave.astype(np.float64) ** 2)) + 1e-10
     noise *= math.sqrt(power / 10 ** (snr_db / 10) / (float(np.mean(noise**2)) + 1e-12))
     return (wave + noise).astype(np.float32)
